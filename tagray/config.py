@@ -1,0 +1,235 @@
+"""Typed configuration: YAML -> dict -> dataclasses, with dotted ``key=value`` overrides.
+
+Every error names the offending key (``stages[1].train.lr``). A pipeline is a list of stages; a stage is
+a list of tasks plus training and scaling settings. Stage defaults come from the pipeline's top-level
+``train:`` and ``scaling:`` and are overridden per stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import yaml
+
+from .core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one stage."""
+
+    tag_length: int = 10
+    """p, vectors per new tag (the paper found 10 best; longer tags overfit)."""
+    lr: float = 1e-3
+    """AdamW learning rate (cosine schedule, ``warmup_ratio`` warm-up)."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    batch_size: int = 8
+    """Rows per step per worker."""
+    grad_accum: int = 1
+    max_steps: int = 100
+    eval_every: int = 50
+    """Steps between validations (each one reports metrics and a checkpoint)."""
+    eval_rows: int = 100
+    """Validation rows per task per evaluation (the final test evaluation uses the whole test split)."""
+    seed: int = 0
+    bucketing: bool = True
+    """Group rows of similar length into batches (less padding)."""
+    isolate_spans: bool = False
+    """Domain tags and their data spans do not attend to the prompt before the tag."""
+    grad_clip: float = 1.0
+    log_every: int = 10
+    init_noise: float = 0.0
+    """Relative noise added to the paper's mean-embedding init (0 = the paper's)."""
+    select_metric: str = "val_loss"
+    """Metric that picks the best checkpoint (lower is better)."""
+
+    def __post_init__(self):
+        for k in ("tag_length", "batch_size", "max_steps", "eval_every", "grad_accum", "eval_rows"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k}", "must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError("train.lr", "must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("train.warmup_ratio", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How many Ray Train workers, and their resources."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    strategy: str = "ddp"
+    """``ddp`` (tags and heads are tiny; the frozen base is replicated) or ``fsdp`` for bases too big for one GPU."""
+    placement_strategy: str = "PACK"
+    max_failures: int = 2
+    """Worker failures survived per stage (restart from the last checkpoint)."""
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError("scaling.num_workers", "must be >= 1")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError("scaling.strategy", "use ddp or fsdp")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError("scaling.placement_strategy", "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    tasks: list
+    """Task names, task YAML paths, or ``{task: name, ...overrides}``."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    train_tags: list | None = None
+    """Tags to train; default: the tags these tasks use that earlier stages did not create."""
+    init_from: str | None = "previous"
+    """``previous`` (the stage before), a stage name, a tag-set path (local or s3://), or null."""
+    eval_tasks: list = field(default_factory=list)
+    """Evaluation-only tasks (e.g. zero-shot language pairs), scored on their test split at the end."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    stages: list[StageConfig]
+    base: str = "smollm2-135m"
+    """Packaged alias, local folder, ``s3://`` prefix or hub id."""
+    output: str = "runs"
+    """Where runs go: a local folder or ``s3://bucket/prefix``; stage artifacts land in ``output/name/stage``."""
+    dtype: str = "auto"
+    """Base weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."""
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError("stage", f"no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+    def run_dir(self) -> str:
+        return self.output.rstrip("/") + "/" + self.name
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(where, f"expected a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}" if where else sorted(unknown)[0],
+                          f"unknown key; allowed: {sorted(names)}")
+    hints = get_type_hints(cls)
+    kw = {}
+    for k, v in d.items():
+        t = hints[k]
+        key = f"{where}.{k}" if where else k
+        if t in (int, float) and not isinstance(v, bool) and isinstance(v, (int, float, str)):
+            try:
+                v = t(v) if t is float or isinstance(v, int) or str(v).lstrip("-").isdigit() else v
+            except ValueError as e:
+                raise ConfigError(key, f"expected {t.__name__}, got {v!r}") from e
+            if t is int and not isinstance(v, int):
+                raise ConfigError(key, f"expected an integer, got {v!r}")
+        elif t is bool and not isinstance(v, bool):
+            raise ConfigError(key, f"expected true/false, got {v!r}")
+        elif t is str and not isinstance(v, str):
+            raise ConfigError(key, f"expected a string, got {v!r}")
+        kw[k] = v
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e.field}".lstrip(".") if where else e.field, e.message) from None
+    except TypeError as e:
+        raise ConfigError(where or cls.__name__, str(e)) from None
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_pipeline(d: dict) -> PipelineConfig:
+    if not isinstance(d, dict):
+        raise ConfigError("config", "expected a YAML mapping at the top level")
+    d = copy.deepcopy(d)
+    train_defaults = d.pop("train", {}) or {}
+    scaling_defaults = d.pop("scaling", {}) or {}
+    raw_stages = d.pop("stages", None)
+    if not raw_stages or not isinstance(raw_stages, list):
+        raise ConfigError("stages", "a non-empty list of stages is required")
+    d.setdefault("name", "tagray")
+    stages, seen = [], set()
+    for i, s in enumerate(raw_stages):
+        where = f"stages[{i}]"
+        if not isinstance(s, dict) or "name" not in s or "tasks" not in s:
+            raise ConfigError(where, "each stage needs a name and a list of tasks")
+        if s["name"] in seen:
+            raise ConfigError(f"{where}.name", f"duplicate stage name {s['name']!r}")
+        seen.add(s["name"])
+        if not isinstance(s["tasks"], list) or not s["tasks"]:
+            raise ConfigError(f"{where}.tasks", "a non-empty list of tasks is required")
+        s = dict(s)
+        s["train"] = _build(TrainConfig, _merge(train_defaults, s.get("train")), f"{where}.train")
+        s["scaling"] = _build(ScalingConfig, _merge(scaling_defaults, s.get("scaling")), f"{where}.scaling")
+        if i == 0 and s.get("init_from", "previous") == "previous":
+            s["init_from"] = None
+        stages.append(_build(StageConfig, s, where))
+    return _build(PipelineConfig, {**d, "stages": stages}, "")
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """``train.lr=1e-3`` or ``stages.1.train.max_steps=5`` on a raw config dict."""
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        if isinstance(cur, list):
+            if not p.isdigit() or int(p) >= len(cur):
+                raise ConfigError(key, f"{p!r} is not a valid list index")
+            cur = cur[int(p)]
+        else:
+            cur = cur.setdefault(p, {})
+    last = parts[-1]
+    if isinstance(cur, list):
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
+def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML (local or s3://) and apply ``key=value`` overrides (values parsed as YAML)."""
+    import fsspec
+
+    if not path.startswith("s3://") and not os.path.exists(path):
+        raise ConfigError("config", f"{path} does not exist")
+    with fsspec.open(path, "r") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError("config", f"{path} is not valid YAML: {e}") from e
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError("--set", f"expected key=value, got {o!r}")
+        k, v = o.split("=", 1)
+        set_dotted(raw, k.strip(), yaml.safe_load(v))
+    return parse_pipeline(raw)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def stage_from_dict(d: dict) -> StageConfig:
+    """Inverse of :func:`to_dict` for a stage (how the Ray adapter ships a stage to its workers)."""
+    d = dict(d)
+    d["train"] = _build(TrainConfig, d.get("train", {}), "train")
+    d["scaling"] = _build(ScalingConfig, d.get("scaling", {}), "scaling")
+    return _build(StageConfig, d, "stage")

@@ -1,0 +1,192 @@
+"""Templates -> token ids with tag slots.
+
+A template is text with ``<Tag>`` markers and ``{field}`` slots, e.g.
+``"The SMILES of the molecule is <SMILES> {smiles}. The QED is <QED>"``. A tag name may itself use a
+field (``<{src_lang}>``), so one template covers every language pair. Each text piece and field value is
+tokenised on its own; each tag becomes ``p`` positions that point at rows of the tag table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import InputError, UnknownTagError
+
+_PIECE = re.compile(r"<\{(\w+)\}>|<([A-Za-z][\w\-.]*)>|\{(\w+)\}")
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Piece:
+    kind: str  # "text" | "tag" | "field"
+    value: str  # literal text, tag name ("<QED>"), field name; for dynamic tags the field name
+    dynamic: bool = False
+
+
+def parse_template(template: str) -> list[Piece]:
+    """Split a template into text, tag and field pieces (tags keep their angle brackets)."""
+    out, pos = [], 0
+    for m in _PIECE.finditer(template):
+        if m.start() > pos:
+            out.append(Piece("text", template[pos : m.start()]))
+        if m.group(1):
+            out.append(Piece("tag", m.group(1), dynamic=True))
+        elif m.group(2):
+            out.append(Piece("tag", f"<{m.group(2)}>"))
+        else:
+            out.append(Piece("field", m.group(3)))
+        pos = m.end()
+    if pos < len(template):
+        out.append(Piece("text", template[pos:]))
+    return out
+
+
+def template_fields(template: str) -> set[str]:
+    return {p.value for p in parse_template(template) if p.kind == "field" or p.dynamic}
+
+
+def template_tags(template: str, row: Mapping | None = None) -> list[str]:
+    """Tag names in order; dynamic ones resolved from ``row`` (skipped when no row is given)."""
+    names = []
+    for p in parse_template(template):
+        if p.kind == "tag":
+            if not p.dynamic:
+                names.append(p.value)
+            elif row is not None:
+                names.append(f"<{row[p.value]}>")
+    return names
+
+
+@dataclass
+class Encoded:
+    """One encoded row; all lists have the same length T."""
+
+    ids: list[int]
+    tag_rows: list[int]  # row of the virtual tag table, or -1 for an ordinary token
+    labels: list[int]  # LM target token at this position, or IGNORE
+    span: list[int]  # isolated-span id (0 = ordinary causal attention)
+    head_pos: int = -1  # position of the head tag's last vector, or -1
+    head: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class TemplateEncoder:
+    """Encodes rows of one template with one tokenizer against a tag layout.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        template: the task template.
+        slots: tag name -> object with ``start``/``rows`` (a :class:`~tagray.core.tags.Slot`).
+        char_fields: fields tokenised one character per token (protein sequences).
+        lm_field: field whose tokens are LM targets (stage 1, translation), or None.
+        lm_eos: append EOS after ``lm_field`` as a target (so generation learns to stop).
+        head_tag: tag whose last vector feeds the head (regression / classification), or None.
+        rename: optional map from template tag names to bank names (serving namespaces tag sets).
+        max_length: rows longer than this raise :class:`InputError` naming the longest field.
+        add_bos: prepend the tokenizer's BOS token when it has one.
+    """
+
+    def __init__(self, tokenizer, template: str, slots: Mapping, *, char_fields=(), lm_field=None,
+                 lm_eos=False, head_tag=None, rename: Mapping[str, str] | None = None, max_length=512,
+                 add_bos=True):
+        self.tok = tokenizer
+        self.template = template
+        self.pieces = parse_template(template)
+        self.slots = slots
+        self.char_fields = set(char_fields)
+        self.lm_field = lm_field
+        self.lm_eos = lm_eos
+        self.head_tag = head_tag
+        self.rename = dict(rename or {})
+        self.max_length = max_length
+        # prepend BOS exactly when the tokenizer itself would (Llama: yes; GPT-2, SmolLM2: no)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        probe = tokenizer.encode("a", add_special_tokens=True) if add_bos else []
+        self.prefix = [bos] if (bos is not None and probe and probe[0] == bos) else []
+        self._text_cache: dict[str, list[int]] = {}
+        self._char_cache: dict[str, list[int]] = {}
+
+    def _text(self, s: str) -> list[int]:
+        if s not in self._text_cache:
+            self._text_cache[s] = self.tok.encode(s, add_special_tokens=False)
+        return self._text_cache[s]
+
+    def _chars(self, s: str) -> list[int]:
+        out = []
+        for c in s:
+            if c not in self._char_cache:
+                self._char_cache[c] = self.tok.encode(c, add_special_tokens=False)
+            out.extend(self._char_cache[c])
+        return out
+
+    def tag_name(self, piece: Piece, row: Mapping) -> str:
+        name = f"<{row[piece.value]}>" if piece.dynamic else piece.value
+        return self.rename.get(name, name)
+
+    def encode(self, row: Mapping, *, with_target: bool = True) -> Encoded:
+        """Encode one row (a mapping of field -> string).
+
+        Args:
+            with_target: when False, stop before ``lm_field`` (a generation prompt).
+        """
+        ids, tag_rows, labels, span = list(self.prefix), [-1] * len(self.prefix), [IGNORE] * len(self.prefix), [0] * len(self.prefix)
+        head_pos, span_id, in_span = -1, 0, False
+        lengths: dict[str, int] = {}
+        for i, p in enumerate(self.pieces):
+            if p.kind == "text":
+                toks = self._text(p.value)
+                ids += toks
+                tag_rows += [-1] * len(toks)
+                labels += [IGNORE] * len(toks)
+                # text right after a data span ends the isolated span
+                in_span = False
+                span += [0] * len(toks)
+            elif p.kind == "tag":
+                if p.dynamic and p.value not in row:
+                    raise InputError(p.value, "missing (the template's tag needs it)")
+                name = self.tag_name(p, row)
+                if name not in self.slots:
+                    raise UnknownTagError(p.value if p.dynamic else "tag", f"unknown tag {name}")
+                s = self.slots[name]
+                nxt = self.pieces[i + 1] if i + 1 < len(self.pieces) else None
+                # a tag followed by data (optionally after a space) opens an isolated span
+                opens = nxt is not None and (nxt.kind == "field" or (nxt.kind == "text" and not nxt.value.strip()
+                                             and i + 2 < len(self.pieces) and self.pieces[i + 2].kind == "field"))
+                if opens:
+                    span_id += 1
+                    in_span = True
+                else:
+                    in_span = False
+                ids += [0] * s.rows
+                tag_rows += list(range(s.start, s.start + s.rows))
+                labels += [IGNORE] * s.rows
+                span += [span_id if in_span else 0] * s.rows
+                if self.head_tag is not None and name == self.rename.get(self.head_tag, self.head_tag):
+                    head_pos = len(ids) - 1
+            else:  # field
+                if p.value not in row or row[p.value] is None:
+                    raise InputError(p.value, "missing")
+                value = str(row[p.value])
+                is_target = p.value == self.lm_field
+                if is_target and not with_target:
+                    break
+                toks = self._chars(value) if p.value in self.char_fields else self._text(value)
+                lengths[p.value] = len(toks)
+                if is_target and self.lm_eos and self.tok.eos_token_id is not None:
+                    toks = toks + [self.tok.eos_token_id]
+                ids += toks
+                tag_rows += [-1] * len(toks)
+                labels += toks if is_target else [IGNORE] * len(toks)
+                span += [span_id if in_span else 0] * len(toks)
+        if len(ids) > self.max_length:
+            longest = max(lengths, key=lengths.get) if lengths else "template"
+            raise InputError(longest, f"too long: {len(ids)} tokens > max_length {self.max_length}")
+        if self.head_tag is not None and head_pos < 0:
+            raise InputError("template", f"head tag {self.head_tag} does not occur in {self.template!r}")
+        return Encoded(ids, tag_rows, labels, span, head_pos, self.head_tag if head_pos >= 0 else None)

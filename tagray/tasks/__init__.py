@@ -1,0 +1,1 @@
+"""Tasks as data: builtin task YAMLs, real offline data sources, label functions, validators."""
