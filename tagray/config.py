@@ -26,6 +26,8 @@ class TrainConfig:
     """p, vectors per new tag (the paper found 10 best; longer tags overfit)."""
     lr: float = 1e-3
     """AdamW learning rate (cosine schedule, ``warmup_ratio`` warm-up)."""
+    head_lr: float | None = None
+    """Learning rate of the heads (default ``lr / 10``): a head has d coherent inputs, a tag vector has one."""
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     batch_size: int = 8
@@ -130,6 +132,12 @@ def _build(cls, d: dict, where: str):
     for k, v in d.items():
         t = hints[k]
         key = f"{where}.{k}" if where else k
+        args = [a for a in getattr(t, "__args__", ()) if a is not type(None)]
+        if args and type(None) in getattr(t, "__args__", ()):
+            if v is None:
+                kw[k] = v
+                continue
+            t = args[0]  # Optional[X] -> X
         if t in (int, float) and not isinstance(v, bool) and isinstance(v, (int, float, str)):
             try:
                 v = t(v) if t is float or isinstance(v, int) or str(v).lstrip("-").isdigit() else v

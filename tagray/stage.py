@@ -161,11 +161,33 @@ def build_setup(job: StageJob, base: Base | None = None) -> Setup:
         head_specs[h] = spec
         head_entries[h] = head_init(emb, spec.out_dim, gen)
         train_heads.add(h)
-    heads = HeadBank(head_entries, head_specs, emb.shape[1], trainable=train_heads) if head_entries else None
+    stats = dict(prev.head_stats) if prev else {}
+    heads = (HeadBank(head_entries, head_specs, emb.shape[1], trainable=train_heads, stats=stats)
+             if head_entries else None)
     model = TagLLM(base.model, bank, heads, isolate_spans=cfg.isolate_spans)
     task_specs = dict(prev.tasks) if prev else {}
     task_specs.update({td.spec.name: td.spec.to_json() for td in tasks + eval_tasks})
-    return Setup(model, base, tasks, eval_tasks, prev, info, train_tags, train_heads, task_specs)
+    setup = Setup(model, base, tasks, eval_tasks, prev, info, train_tags, train_heads, task_specs)
+    for td in tasks:
+        if td.spec.head_tag in train_heads:
+            mu, sd = head_feature_stats(setup, td)
+            heads.set_stats(td.spec.head_tag, mu, sd)
+    return setup
+
+
+@torch.no_grad()
+def head_feature_stats(setup: Setup, td: TaskData, rows: int = 128, batch_size: int = 16):
+    """Per-dimension mean / std ``(d,), (d,)`` of the hidden state a new head reads, on training rows."""
+    model = setup.model
+    exs = encode_split(setup, [td], "train", rows)
+    pad = setup.base.tokenizer.pad_token_id
+    feats = []
+    for s in range(0, len(exs), batch_size):
+        b = make_batch(model, exs[s : s + batch_size], pad)
+        h = model.hidden_states(b)
+        feats.append(h[torch.arange(h.shape[0]), b["head_pos"]].float())
+    f = torch.cat(feats)
+    return f.mean(0), f.std(0) if f.shape[0] > 1 else torch.ones(f.shape[1])
 
 
 # ---- encoding ---------------------------------------------------------------------------------------
@@ -287,7 +309,8 @@ def current_tagset(setup: Setup, metrics: dict | None = None, stage: str | None 
     prev_metrics = dict(setup.prev.metrics) if setup.prev else {}
     prev_metrics.update(metrics or {})
     return TagSet(tags=m.tags.state(), heads=heads, tag_info=setup.tag_info, head_specs=specs,
-                  base=setup.base.fingerprint, tasks=setup.task_specs, metrics=prev_metrics, stage=stage)
+                  base=setup.base.fingerprint, tasks=setup.task_specs, metrics=prev_metrics, stage=stage,
+                  head_stats=m.heads.stats() if m.heads is not None else {})
 
 
 def save_checkpoint(path: str, setup: Setup, opt: torch.optim.Optimizer, state: dict, stage: str) -> None:
@@ -336,7 +359,8 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None = None) -> tuple[TagSet, dict]:
+def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None = None,
+              config_hash: str | None = None) -> tuple[TagSet, dict]:
     """Train one stage; returns the final tag set (best validation state) and its test metrics."""
     rt = runtime or Runtime()
     cfg = job.stage.train
@@ -350,7 +374,10 @@ def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None =
     params = model.trainable_parameters()
     if not params:
         raise ConfigError("train_tags", f"stage {job.stage.name!r} has nothing to train")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": [model.tags.trainable], "lr": cfg.lr}] if model.tags.trainable.requires_grad else []
+    if model.heads is not None and model.heads.trainable.requires_grad:
+        groups.append({"params": [model.heads.trainable], "lr": cfg.head_lr or cfg.lr / 10})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps))
     n_trainable = sum(p.numel() for p in params)
     rt.log(f"stage {job.stage.name}: training {sorted(setup.train_tags)} + heads {sorted(setup.train_heads)} "
@@ -429,8 +456,9 @@ def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None =
                         autocast=autocast)
     metrics = {name: {"test": m, "stage": job.stage.name} for name, m in test.items()}
     final = current_tagset(setup, metrics, stage=job.stage.name)
-    final.meta = {"run": job.run_name, "best_step": state.get("best_step"), "steps": state["step"],
-                  "train_config": asdict(cfg), "tasks": [td.spec.name for td in setup.tasks]}
+    final.meta = {"run": job.run_name, "base": job.base, "best_step": state.get("best_step"), "steps": state["step"],
+                  "train_config": asdict(cfg), "tasks": [td.spec.name for td in setup.tasks],
+                  "config_hash": config_hash}
     if rt.rank == 0 and job.output:
         save_tagset(final, job.output)
         rt.log(f"stage {job.stage.name}: artifact written to {job.output}")

@@ -23,6 +23,7 @@ from .tags import HeadSpec
 
 FORMAT = "tagray.tagset/1"
 FILES = ("tags.safetensors", "heads.safetensors", "tagset.json")
+STATS = "::feature_stats"
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TagSet:
     metrics: dict[str, dict] = field(default_factory=dict)
     stage: str | None = None
     meta: dict = field(default_factory=dict)
+    head_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """name -> ``(2, d)`` fixed feature mean / std the head standardises its input with."""
 
     def to_json(self) -> dict:
         return {
@@ -82,6 +85,7 @@ def save_tagset(ts: TagSet, path: str) -> str:
     fs.makedirs(root, exist_ok=True)
     tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in ts.tags.items()}
     heads = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in ts.heads.items()}
+    heads.update({f"{n}{STATS}": t.detach().to("cpu", torch.float32).contiguous() for n, t in ts.head_stats.items()})
     blobs = {
         "tags.safetensors": st_save(tensors, metadata={"format": FORMAT}),
         "heads.safetensors": st_save(heads, metadata={"format": FORMAT}),
@@ -115,7 +119,9 @@ def load_tagset(path: str, expect_base: dict | None = None) -> TagSet:
     if meta.get("format") != FORMAT:
         raise ConfigError("tags", f"{meta_path}: unsupported format {meta.get('format')!r}, expected {FORMAT}")
     tags = st_load(fs.cat_file(_join(root, "tags.safetensors")))
-    heads = st_load(fs.cat_file(_join(root, "heads.safetensors")))
+    heads_all = st_load(fs.cat_file(_join(root, "heads.safetensors")))
+    heads = {n: t for n, t in heads_all.items() if not n.endswith(STATS)}
+    stats = {n[: -len(STATS)]: t for n, t in heads_all.items() if n.endswith(STATS)}
     for n, info in meta["tags"].items():
         if n not in tags or tags[n].shape[0] != info["length"]:
             raise ConfigError("tags", f"{path}: tag {n} missing or of the wrong length in tags.safetensors")
@@ -129,6 +135,7 @@ def load_tagset(path: str, expect_base: dict | None = None) -> TagSet:
         metrics=meta.get("metrics", {}),
         stage=meta.get("stage"),
         meta=meta.get("meta", {}),
+        head_stats=stats,
     )
     if expect_base is not None:
         ts.check_base(expect_base, where=str(path))
@@ -147,4 +154,6 @@ def merge_tagsets(sets: dict[str, TagSet]) -> TagSet:
         for n, t in ts.heads.items():
             out.heads[f"{ns}/{n}"] = t
             out.head_specs[f"{ns}/{n}"] = ts.head_specs[n]
+            if n in ts.head_stats:
+                out.head_stats[f"{ns}/{n}"] = ts.head_stats[n]
     return out

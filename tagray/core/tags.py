@@ -117,22 +117,47 @@ class HeadSpec:
 class HeadBank(PackedTable):
     """Linear heads ``d -> out_dim`` keyed by function-tag name, packed as rows ``[W | b]`` of width d+1.
 
+    Each head reads the hidden state standardised per dimension with fixed statistics ``(mu, sd)``
+    (measured on training rows when the head is created): ``y = W (h - mu) / sd + b``, still a linear
+    head. Why: LM hidden states have a few huge "massive activation" dimensions (SmolLM2: mean |h| 1.25,
+    per-dimension std 0.15), which make a raw linear head very ill-conditioned for Adam.
+
     All heads are evaluated for every selected row (a few extra dot products) so DDP always sees every
     trainable head used; each row then reads its own slice.
     """
 
     def __init__(self, heads: Mapping[str, torch.Tensor], specs: Mapping[str, HeadSpec], d_model: int,
-                 trainable: set[str] | None = None):
+                 trainable: set[str] | None = None, stats: Mapping[str, torch.Tensor] | None = None):
         super().__init__(heads, set(trainable or ()), width=d_model + 1)
         self.specs = dict(specs)
         missing = set(heads) - set(specs)
         if missing:
             raise ConfigError("heads", f"no spec for {sorted(missing)}")
+        # per table row: feature mean and std (2, rows, d); identity (0, 1) when none were given
+        mu = torch.zeros(self.table().shape[0], d_model)
+        sd = torch.ones(self.table().shape[0], d_model)
+        for n, st in (stats or {}).items():
+            if n in self.slots:
+                mu[self.cols(n)] = st[0].float()
+                sd[self.cols(n)] = st[1].float().clamp_min(1e-4)
+        self.register_buffer("feat_mu", mu, persistent=False)
+        self.register_buffer("feat_sd", sd, persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden (N, d)`` -> raw outputs of every head ``(N, rows)``; pick columns with :meth:`cols`."""
         t = self.table().to(hidden.dtype)
-        return hidden @ t[:, :-1].T + t[:, -1]
+        w = t[:, :-1] / self.feat_sd.to(hidden.dtype)  # (R, d)
+        return hidden @ w.T - (w * self.feat_mu.to(hidden.dtype)).sum(1) + t[:, -1]
+
+    def set_stats(self, name: str, mu: torch.Tensor, sd: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.feat_mu[self.cols(name)] = mu.to(self.feat_mu)
+            self.feat_sd[self.cols(name)] = sd.to(self.feat_sd).clamp_min(1e-4)
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """name -> ``(2, d)`` stacked (mu, sd) of its first row (all rows of a head share them)."""
+        return {n: torch.stack([self.feat_mu[s.start], self.feat_sd[s.start]]).cpu().contiguous()
+                for n, s in self.slots.items()}
 
     def cols(self, name: str) -> slice:
         s = self.slots[name]

@@ -1,0 +1,135 @@
+"""Run a pipeline: its stages in order, each starting from the previous stage's artifact.
+
+``executor="ray"`` runs each stage as a Ray Train job (local embedded Ray, or the cluster at
+``address`` / ``RAY_ADDRESS``); ``executor="local"`` runs the same stage function in this process.
+A stage whose artifact already exists for the same configuration is skipped, and a stage interrupted
+mid-way resumes from its last checkpoint, so re-running a pipeline continues it instead of restarting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import fsspec
+
+from .config import PipelineConfig, StageConfig, to_dict
+from .core.artifacts import is_tagset, load_tagset
+from .core.errors import ConfigError
+from .stage import Runtime, StageJob, run_stage
+
+log = logging.getLogger("tagray")
+
+
+def stage_hash(cfg: PipelineConfig, st: StageConfig, init: str | None) -> str:
+    doc = {"stage": to_dict(st), "base": cfg.base, "dtype": cfg.dtype, "init": init}
+    return hashlib.blake2b(json.dumps(doc, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def resolve_init(cfg: PipelineConfig, st: StageConfig, prev_out: str | None) -> str | None:
+    ref = st.init_from
+    if ref is None:
+        return None
+    if ref == "previous":
+        return prev_out
+    names = [s.name for s in cfg.stages]
+    if ref in names:
+        return _abs(cfg.run_dir()) + "/" + ref
+    if not is_tagset(ref):
+        raise ConfigError(f"stages.{st.name}.init_from", f"{ref!r} is neither a stage name nor a tag-set folder")
+    return ref
+
+
+def plan(cfg: PipelineConfig, only: list[str] | None = None) -> list[tuple[StageJob, str, bool]]:
+    """``[(job, config hash, already done)]`` for every stage to run, in order."""
+    run_dir = _abs(cfg.run_dir())
+    out, prev = [], None
+    for st in cfg.stages:
+        init = resolve_init(cfg, st, prev)
+        h = stage_hash(cfg, st, init)
+        dest = f"{run_dir}/{st.name}"
+        done = is_tagset(dest) and load_tagset(dest).meta.get("config_hash") == h
+        job = StageJob(stage=st, base=cfg.base, dtype=cfg.dtype, init_from=init, output=dest,
+                       run_name=f"{cfg.name}-{h}")
+        if only is None or st.name in only:
+            out.append((job, h, done))
+        prev = dest
+    if only:
+        unknown = set(only) - {s.name for s in cfg.stages}
+        if unknown:
+            raise ConfigError("stage", f"unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in cfg.stages]}")
+        for job, _, _ in out:
+            if job.init_from and not is_tagset(job.init_from):
+                raise ConfigError("stage", f"stage {job.stage.name} needs {job.init_from}: run the earlier stage first")
+    return out
+
+
+def run_pipeline(cfg: PipelineConfig, executor: str = "ray", only: list[str] | None = None,
+                 address: str | None = None, force: bool = False) -> dict:
+    """Run (or resume) the pipeline; returns ``{stage: {"path": ..., "test": metrics}}``."""
+    jobs = plan(cfg, only)
+    run_dir = _abs(cfg.run_dir())
+    results = {}
+    if executor == "ray":
+        from .ray.session import ensure_ray
+
+        ensure_ray(address)
+    for job, h, done in jobs:
+        if done and not force:
+            log.info("stage %s: done already (%s), skipping", job.stage.name, job.output)
+            ts = load_tagset(job.output)
+            results[job.stage.name] = {"path": job.output, "test": _test_metrics(ts, job), "skipped": True}
+            continue
+        if executor == "ray":
+            from .ray.train import fit_stage
+
+            fit_stage(job, storage=f"{run_dir}/_ray", config_hash=h)
+        elif executor == "local":
+            ckpt = None if "://" in run_dir else f"{run_dir}/_local/{job.stage.name}-{h}"
+            run_stage(job, Runtime(checkpoint_dir=ckpt), config_hash=h)
+        else:
+            raise ConfigError("executor", f"unknown executor {executor!r}; use ray or local")
+        ts = load_tagset(job.output)
+        results[job.stage.name] = {"path": job.output, "test": _test_metrics(ts, job)}
+    _write_summary(run_dir, results)
+    return results
+
+
+def _test_metrics(ts, job: StageJob) -> dict:
+    names = set(ts.meta.get("tasks", [])) | {str(t) for t in job.stage.eval_tasks}
+    return {t: m.get("test", {}) for t, m in ts.metrics.items() if t in names or m.get("stage") == job.stage.name}
+
+
+def _write_summary(run_dir: str, results: dict) -> None:
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(root + "/summary.json", "w") as f:
+        json.dump(results, f, indent=2, default=str)
+
+
+def format_results(results: dict) -> str:
+    """A plain-text table of the test metrics of every stage."""
+    lines = [f"{'stage':<10} {'task':<20} {'metric':<28} value"]
+    for stage, r in results.items():
+        for task, m in r["test"].items():
+            if not isinstance(m, dict):
+                continue
+            if "mse" in m:
+                base = m.get("baseline_mse", float("nan"))
+                lines.append(f"{stage:<10} {task:<20} {'MSE (train-mean baseline)':<28} {m['mse']:.4f} "
+                             f"({base:.4f}, {m['mse'] / base:.2f}x)")
+                lines.append(f"{'':<10} {'':<20} {'Pearson / Spearman':<28} {m['pearson']:.3f} / {m['spearman']:.3f}")
+            elif "accuracy" in m:
+                lines.append(f"{stage:<10} {task:<20} {'accuracy':<28} {m['accuracy']:.3f}")
+            elif "loss" in m:
+                extra = f"  BLEU {m['bleu']:.1f}" if "bleu" in m else ""
+                lines.append(f"{stage:<10} {task:<20} {'LM loss / perplexity':<28} {m['loss']:.3f} / "
+                             f"{m.get('perplexity', float('nan')):.1f}{extra}")
+        lines.append(f"{'':<10} -> {r['path']}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Thin Ray adapters over the pure-torch core: shared base weights, Train, Tune, Serve."""

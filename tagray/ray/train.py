@@ -1,0 +1,125 @@
+"""Ray Train adapter: every stage runs as a ``TorchTrainer`` (Train V2) over :func:`tagray.stage.run_stage`.
+
+- scaling from the stage config (workers, CPUs/GPUs per worker, placement);
+- DDP over the tag and head tables only: the frozen base is excluded from DDP's parameter sync, so no
+  gradient buckets or broadcasts for it (and it may be a read-only object-store view);
+- the base comes from the cluster's shared object-store copy (:mod:`tagray.ray.shared`);
+- rank 0 reports tags + heads + optimizer moments (kilobytes) at each evaluation; a restarted worker
+  group resumes from the latest one (``FailureConfig(max_failures)``), and re-running a stage with the
+  same run name and storage resumes the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ..config import StageConfig, stage_from_dict, to_dict
+from ..stage import Runtime, StageJob, run_stage
+from .shared import attach_base, base_info
+
+
+class RayTrainRuntime(Runtime):
+    """Runtime inside a Ray Train worker."""
+
+    def __init__(self, strategy: str = "ddp"):
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.strategy = strategy
+        super().__init__(device=ray.train.torch.get_device())
+        self._ckpt_dir = None
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model.to(self.device)
+        if self.strategy == "fsdp":
+            return ray.train.torch.prepare_model(model, parallel_strategy="fsdp",
+                                                 parallel_strategy_kwargs={"use_orig_params": True})
+        # DDP syncs only the tag and head tables; the frozen base is identical on every rank already.
+        model._ddp_params_and_buffers_to_ignore = [n for n, _ in model.named_parameters() if n.startswith("base.")] + [
+            n for n, _ in model.named_buffers() if n.startswith("base.")]
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> str | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._ckpt_dir = ckpt.to_directory(tempfile.mkdtemp(prefix="tagray-resume-"))
+        return self._ckpt_dir
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of every Train worker: ``config = {"job": StageJob as dict, "base": shared-base info}``."""
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    jd = dict(config["job"])
+    job = StageJob(stage=stage_from_dict(jd.pop("stage")), **jd)
+    rt = RayTrainRuntime(job.stage.scaling.strategy)
+    base = attach_base(config["base"], rt.device) if config.get("base") else None
+    if config.get("fail_at_step") is not None:  # test hook: kill this worker once, mid-stage
+        _install_failure(rt, config["fail_at_step"], config.get("fail_marker"))
+    run_stage(job, rt, base=base, config_hash=config.get("config_hash"))
+
+
+def _install_failure(rt: RayTrainRuntime, step: int, marker: str | None) -> None:
+    orig = rt.report
+
+    def report(metrics, checkpoint_dir):
+        orig(metrics, checkpoint_dir)
+        if metrics.get("step", 0) >= step and rt.rank == rt.world_size - 1 and marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # a hard crash, as a lost node or OOM-killed worker would look
+
+    rt.report = report
+
+
+def abs_storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def fit_stage(job: StageJob, storage: str, *, share_base: bool = True, extra: dict | None = None,
+              config_hash: str | None = None, callbacks: list | None = None) -> ray.train.Result:
+    """Run one stage on the cluster and return Ray's ``Result``; the artifact is at ``job.output``.
+
+    Args:
+        job: the stage job (``job.output`` is where the final tag set is written).
+        storage: Ray Train storage path (local folder or ``s3://``) for checkpoints and run state.
+        share_base: serve the base from the object store (else each worker reads it from disk/S3).
+        extra: extra entries of the worker config (test hooks).
+        config_hash: recorded in the artifact so a finished stage is not re-run for the same config.
+        callbacks: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` when run inside a trial).
+    """
+    st: StageConfig = job.stage
+    sc = st.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    info = base_info(job.base, job.dtype) if share_base else None
+    jd = {"stage": to_dict(st), "base": job.base, "dtype": job.dtype, "init_from": job.init_from,
+          "output": job.output, "run_name": job.run_name}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": jd, "base": info, "config_hash": config_hash, **(extra or {})},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=sc.placement_strategy),
+        run_config=RunConfig(
+            name=f"{job.run_name}-{st.name}",
+            storage_path=abs_storage(storage),
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": {"TAGRAY_PROGRESS": "0",
+                                             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random models (seconds), the real SmolLM2 (minutes), one local Ray, a local S3.
+
+Tiers: tests marked ``slow`` use the real SmolLM2 or a real Ray cluster; the rest run in seconds.
+No fixture touches the network: the tokenizer comes from the packaged SmolLM2, S3 is a moto server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+
+# Test isolation: Ray's temp files, auth token and tagray's caches stay out of the user's home.
+_TMP = tempfile.mkdtemp(prefix="tagray-tests-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TAGRAY_PROGRESS", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (packaged GGUF converted once into the tagray cache)."""
+    from tagray.core.base import load_base
+
+    return load_base("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+def _tiny(kind: str, tokenizer, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from tagray.core.base import Base, fingerprint, freeze
+
+    torch.manual_seed(seed)
+    V = len(tokenizer)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                             tie_word_embeddings=True))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=512))
+    freeze(model)
+    return Base(name=f"tiny-{kind}", model=model, tokenizer=tokenizer, fingerprint=fingerprint(model))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    """A 2-layer random Llama with SmolLM2's real tokenizer (for fast unit tests of code paths)."""
+    return _tiny("llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tokenizer):
+    """A 2-layer random GPT-2: a second, non-Llama architecture."""
+    return _tiny("gpt2", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tiny_llama, tmp_path_factory):
+    """The tiny Llama saved as a Hugging Face folder (for path / S3 / hub loading tests)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama.model.save_pretrained(d)
+    tiny_llama.tokenizer.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance shared by every Ray test (start-up dominates their cost)."""
+    import ray
+
+    os.environ.setdefault("RAY_TMPDIR", os.path.join(_TMP, "ray"))
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=os.path.join(_TMP, "ray"),
+                 runtime_env={"env_vars": {"TAGRAY_PROGRESS": "0", "HF_HUB_OFFLINE": "1",
+                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                           "TAGRAY_CACHE": os.environ.get("TAGRAY_CACHE", "")}})
+    yield ray
+    # shut down at session end only; tests that need their own cluster use their own temp dirs
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible endpoint on localhost (moto in server mode); yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-west-2",
+           "AWS_REGION": "us-west-2", "AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    import uuid
+
+    import boto3
+
+    name = f"tagray-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-west-2").create_bucket(
+        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    return name
