@@ -47,6 +47,12 @@ class TrainConfig:
     log_every: int = 10
     init_noise: float = 0.0
     """Relative noise added to the paper's mean-embedding init (0 = the paper's)."""
+    head_init: str = "ridge"
+    """``ridge``: start each new head from a least-squares fit on frozen features of ``probe_rows``
+    training rows (linear-probe init, then tags and head train jointly); ``paper``: small weights along
+    the mean token embedding."""
+    probe_rows: int = 256
+    """Training rows per new head used for its feature statistics and ridge init."""
     select_metric: str = "val_loss"
     """Metric that picks the best checkpoint (lower is better)."""
 
@@ -56,6 +62,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{k}", "must be >= 1")
         if not self.lr > 0:
             raise ConfigError("train.lr", "must be > 0")
+        if self.head_init not in ("ridge", "paper"):
+            raise ConfigError("train.head_init", "use ridge or paper")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("train.warmup_ratio", "must be in [0, 1)")
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import StageConfig
@@ -169,25 +170,54 @@ def build_setup(job: StageJob, base: Base | None = None) -> Setup:
     task_specs.update({td.spec.name: td.spec.to_json() for td in tasks + eval_tasks})
     setup = Setup(model, base, tasks, eval_tasks, prev, info, train_tags, train_heads, task_specs)
     for td in tasks:
-        if td.spec.head_tag in train_heads:
-            mu, sd = head_feature_stats(setup, td)
-            heads.set_stats(td.spec.head_tag, mu, sd)
+        h = td.spec.head_tag
+        if h in train_heads:
+            feats, y = head_features(setup, td, cfg.probe_rows)
+            mu, sd = feats.mean(0), (feats.std(0) if len(feats) > 1 else torch.ones(feats.shape[1]))
+            heads.set_stats(h, mu, sd)
+            if cfg.head_init == "ridge" and len(feats) >= 8:
+                with torch.no_grad():
+                    heads.get(h).copy_(ridge_head((feats - mu) / sd.clamp_min(1e-4), y, heads.specs[h]))
     return setup
 
 
 @torch.no_grad()
-def head_feature_stats(setup: Setup, td: TaskData, rows: int = 128, batch_size: int = 16):
-    """Per-dimension mean / std ``(d,), (d,)`` of the hidden state a new head reads, on training rows."""
+def head_features(setup: Setup, td: TaskData, rows: int, batch_size: int = 16):
+    """Hidden states a new head reads ``(n, d)`` and the rows' targets ``(n, k)``, on training rows."""
     model = setup.model
     exs = encode_split(setup, [td], "train", rows)
     pad = setup.base.tokenizer.pad_token_id
+    order = sorted(range(len(exs)), key=lambda i: len(exs[i].enc))
+    exs = [exs[i] for i in order]
     feats = []
     for s in range(0, len(exs), batch_size):
         b = make_batch(model, exs[s : s + batch_size], pad)
         h = model.hidden_states(b)
         feats.append(h[torch.arange(h.shape[0]), b["head_pos"]].float())
-    f = torch.cat(feats)
-    return f.mean(0), f.std(0) if f.shape[0] > 1 else torch.ones(f.shape[1])
+    return torch.cat(feats), torch.tensor([e.target for e in exs], dtype=torch.float32)
+
+
+def ridge_head(z: torch.Tensor, y: torch.Tensor, spec: HeadSpec) -> torch.Tensor:
+    """Least-squares head rows ``(out_dim, d+1)`` on standardised features ``z (n, d)``.
+
+    Regression targets are standardised as the loss sees them; classes become one-hot (a least-squares
+    classifier). The ridge strength is picked on a held-out fifth of the rows.
+    """
+    if spec.kind == "regression":
+        t = (y - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    else:
+        t = F.one_hot(y[:, 0].long(), spec.out_dim).float()
+    n, d = z.shape
+    z64, t64 = z.double(), t.double()
+    cut = max(1, n // 5)
+
+    def solve(a, b, lam):
+        return torch.linalg.solve(a.T @ a + lam * torch.eye(d, dtype=a.dtype), a.T @ (b - b.mean(0)))
+
+    best = min((float(((z64[:cut] @ solve(z64[cut:], t64[cut:], lam) + t64[cut:].mean(0) - t64[:cut]) ** 2).mean()), lam)
+               for lam in (1.0, 10.0, 100.0, 1000.0, 10000.0))[1]
+    w = solve(z64, t64, best)  # (d, k)
+    return torch.cat([w.T, t64.mean(0)[:, None]], 1).float()
 
 
 # ---- encoding ---------------------------------------------------------------------------------------

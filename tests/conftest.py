@@ -15,6 +15,7 @@ import torch
 
 # Test isolation: Ray's temp files, auth token and tagray's caches stay out of the user's home.
 _TMP = tempfile.mkdtemp(prefix="tagray-tests-")
+os.environ.setdefault("HF_HOME", os.path.join(_TMP, "hf"))  # hub-loading tests fill this cache themselves
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -131,7 +131,6 @@ def error(status: int, err: str, field: str, message: str, headers: dict | None 
 
 app = FastAPI(title="tagray", version=__version__,
               description="Tag-LLM predictions and generations from learned domain and function tags.")
-app.state.token = None  # set per ingress replica in TagrayAPI.__init__
 bearer = HTTPBearer(auto_error=False, description=f"Optional: set with --token or ${TOKEN_ENV}")
 
 
@@ -144,7 +143,8 @@ async def guard(request: Request, call_next):
         return error(400, "BadRequest", "content-length", "not an integer")
     if size > MAX_BODY:
         return error(413, "PayloadTooLarge", "body", f"{size} bytes > {MAX_BODY}")
-    token = app.state.token
+    # the replica's instance holds the token: Serve runs a pickled copy of `app`, so no module state here
+    token = getattr(serve.get_replica_context().servable_object, "token", None)
     if token and request.url.path.startswith("/v1/"):
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -186,7 +186,7 @@ class TagrayAPI:
     def __init__(self, model, token: str | None = None, retries: int = 5):
         self.model = model  # DeploymentHandle of TagModel
         self.retries = retries
-        app.state.token = token or os.environ.get(TOKEN_ENV) or None
+        self.token = token or os.environ.get(TOKEN_ENV) or None
 
     async def _call(self, method: str, *args: Any, timeout_s: float | None = None):
         """Call TagModel; retry requests whose replica died or is overloaded (they are idempotent)."""

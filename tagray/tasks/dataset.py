@@ -73,7 +73,15 @@ def row_target(spec: TaskSpec, row: dict) -> list[float] | None:
 def prepare_row(spec: TaskSpec, row: dict, with_target: bool = True) -> dict:
     """Derive, validate and return a clean row; raises :class:`InputError` naming the bad field."""
     out = dict(row)
+    for f, s in spec.fields.items():  # inputs first: a bad SMILES is reported as such, not as a bad label
+        if f == spec.target.field and not with_target:
+            continue
+        if f not in out or out[f] is None:
+            raise InputError(f, "missing")
+        out[f] = validate(f, s.get("type", "text"), out[f])
     for col, d in spec.derive.items():
+        if not with_target and col not in spec.input_fields:
+            continue  # derived labels are not needed to predict
         args = [out.get(a) for a in d.get("args", [])]
         if any(a is None for a in args):
             missing = [a for a in d.get("args", []) if out.get(a) is None][0]
@@ -83,12 +91,6 @@ def prepare_row(spec: TaskSpec, row: dict, with_target: bool = True) -> dict:
             if v is None:
                 raise InputError(d.get("args", [col])[0], f"cannot compute {col} ({d['fn']})")
             out[col] = v
-    for f, s in spec.fields.items():
-        if f == spec.target.field and not with_target:
-            continue
-        if f not in out:
-            raise InputError(f, "missing")
-        out[f] = validate(f, s.get("type", "text"), out[f])
     if with_target and spec.target.kind != "lm":
         out["_target"] = row_target(spec, out)
     return out

@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import os
 import random
+import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -151,20 +152,27 @@ def load_file(path: str, fmt: str | None = None) -> list[dict]:
     if fmt not in ("csv", "json", "parquet"):
         raise ConfigError("source.format", f"cannot tell the format of {path!r}; set format: csv|json|parquet")
     kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else {}
-    storage = {}
-    if path.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        storage = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-    else:
-        if not os.path.exists(path):
+    local = path
+    with tempfile.TemporaryDirectory(prefix="tagray-data-") as tmp:
+        if "://" in path:
+            # fetch remote files with fsspec first: datasets' own remote access is disabled offline
+            import fsspec
+
+            local = os.path.join(tmp, os.path.basename(path))
+            try:
+                with fsspec.open(path, "rb") as src, open(local, "wb") as dst:
+                    dst.write(src.read())
+            except (FileNotFoundError, OSError) as e:
+                raise ConfigError("source.path", f"cannot read {path}: {e}") from e
+        elif not os.path.exists(path):
             raise ConfigError("source.path", f"{path} does not exist")
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(fmt, data_files=path, split="train", storage_options=storage or None,
-                                   **kwargs)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
-        raise ConfigError("source.path", f"cannot read {path} as {fmt}: {type(e).__name__}: {e}") from e
-    return [dict(r) for r in ds]
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.load_dataset(fmt, data_files=local, split="train", cache_dir=os.path.join(tmp, "cache"),
+                                       **kwargs)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
+            raise ConfigError("source.path", f"cannot read {path} as {fmt}: {type(e).__name__}: {e}") from e
+        return [dict(r) for r in ds]
 
 
 def load_source(spec: dict) -> list[dict]:

@@ -1,0 +1,413 @@
+"""Ray Serve app over real HTTP on 127.0.0.1: equality with the offline Predictor, batching, bad input,
+fuzzing, reload in place, load, a replica killed under load, and two SmolLM2 replicas sharing one base.
+
+One Serve instance and one tiny-model app for the module (start-up dominates); the SmolLM2 app is added
+for one test and removed again. Apps are deployed declaratively (like ``serve deploy jobs/serve.yaml``)
+so that a ``user_config`` change is applied in place by ``reconfigure()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_predict import PEPTIDES, SMILES, random_tagset, same
+
+from tagray.predict import Predictor
+from tagray.registry import publish_ensemble, publish_tagset
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+TOKEN = "test-token-123"
+APP = "tiny"
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_llama, tiny_gpt2, tmp_path_factory):
+    reg = str(tmp_path_factory.mktemp("serve") / "registry")
+    publish_tagset(reg, "chem", random_tagset(tiny_llama, ["qed", "logp"], seed=1))
+    publish_tagset(reg, "chem2", random_tagset(tiny_llama, ["qed", "logp"], seed=2))
+    publish_tagset(reg, "prot", random_tagset(tiny_llama, ["amp", "descriptor"], seed=3))
+    publish_tagset(reg, "lang", random_tagset(tiny_llama, ["translate"], seed=4,
+                                              extra_tags=["<EN>", "<FR>", "<DE>", "<ES>"]))
+    publish_tagset(reg, "gpt", random_tagset(tiny_gpt2, ["qed"], seed=5))  # another base: refused (409)
+    publish_ensemble(reg, "chem-ens", ["chem", "chem2"])
+    publish_ensemble(reg, "mixed-base", ["chem", "gpt"])
+    return reg
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama, registry):
+    return Predictor.from_registry(tiny_llama, registry)
+
+
+def app_config(name: str, registry: str, base: str, route_prefix: str, **args) -> dict:
+    return {"name": name, "route_prefix": route_prefix, "import_path": "tagray.ray.serve:build_app",
+            "args": {"registry": registry, "base": base, "dtype": "float32", "replicas": 2, "cpus": 0.5, **args},
+            "deployments": [{"name": "TagModel", "user_config": {"registry": registry, "max_batch_size": 32}}]}
+
+
+def deploy(apps: list[dict], timeout_s: float = 240) -> None:
+    """Apply a multi-app config (what ``serve deploy`` does) and wait until every app is RUNNING."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=apps))
+    names = {a["name"] for a in apps}
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        st_ = serve.status().applications
+        if names <= set(st_) and all(st_[n].status == "RUNNING" for n in names):
+            return
+        bad = [n for n in names if n in st_ and st_[n].status == "DEPLOY_FAILED"]
+        assert not bad, st_[bad[0]].message
+        time.sleep(0.5)
+    raise TimeoutError(f"apps {names} not running after {timeout_s}s: {serve.status()}")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, registry, tiny_base_dir):
+    from ray import serve
+
+    from tagray.ray.shared import release_base
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = app_config(APP, registry, tiny_base_dir, "/", token=TOKEN)
+    t0 = time.time()
+    deploy([cfg])
+    print(f"\ntiny app up in {time.time() - t0:.1f}s")
+    state = {"url": f"http://127.0.0.1:{port}", "apps": [cfg], "port": port}
+    yield state
+    serve.shutdown()
+    release_base(tiny_base_dir, "float32")
+    release_base("smollm2-135m", "float32")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        yield c
+
+
+def replicas(app: str = APP, want: int = 2, tries: int = 40) -> dict[str, dict]:
+    """``memory()`` of every TagModel replica of ``app`` (the router picks replicas at random)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("TagModel", app_name=app)
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        m = h.memory.remote().result()
+        seen[m["replica"]] = m
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def qed(smiles: str, **kw) -> dict:
+    return {"tag": "<QED>", "inputs": {"smiles": smiles}, **kw}
+
+
+MIXED = [qed(SMILES[0]), qed(SMILES[1], tagset="chem2"), qed(SMILES[2], ensemble="chem-ens"),
+         {"task": "logp", "inputs": {"smiles": SMILES[3]}, "compose": {"<SMILES>": "chem2"}},
+         qed(SMILES[3], tagset="chem", compose={"<SMILES>": "chem2/<SMILES>"}),
+         {"tag": "<AMP>", "inputs": {"seq": PEPTIDES[0]}},
+         {"tag": "<Descriptor>", "tagset": "prot", "inputs": {"seq": PEPTIDES[1]}}]
+
+
+async def load(url: str, bodies: list[tuple[str, dict]], concurrency: int, on_start=None) -> dict:
+    """Send every ``(path, body)`` with ``concurrency`` in flight; retry 503 / dropped connections (clean,
+    retryable failures) up to 10 times. Returns latencies (s), final statuses, retries and bodies."""
+    sem = asyncio.Semaphore(concurrency)
+    lat, status, out = [0.0] * len(bodies), [0] * len(bodies), [None] * len(bodies)
+    retries = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
+                                 headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+
+        async def one(i: int, path: str, body: dict) -> None:
+            nonlocal retries
+            async with sem:
+                t = time.perf_counter()
+                for attempt in range(11):
+                    try:
+                        r = await c.post(path, json=body)
+                    except httpx.TransportError:
+                        r = None
+                    if r is not None and r.status_code != 503:
+                        break
+                    if attempt < 10:
+                        retries += 1
+                        await asyncio.sleep(0.2)
+                lat[i] = time.perf_counter() - t
+                status[i] = r.status_code if r is not None else -1
+                out[i] = r.json() if r is not None else None
+
+        tasks = [asyncio.create_task(one(i, p, b)) for i, (p, b) in enumerate(bodies)]
+        if on_start is not None:
+            await on_start()
+        await asyncio.gather(*tasks)
+    return {"latency": lat, "status": status, "retries": retries, "bodies": out}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# ---- tests ------------------------------------------------------------------------------------------
+
+
+def test_health_tags_and_openapi(client):
+    h = httpx.get(str(client.base_url) + "/healthz")  # no token needed
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["tagsets"] == 4
+    tags = client.get("/v1/tags").json()
+    assert tags["tagsets"] == ["chem", "chem2", "lang", "prot"]
+    assert tags["rejected"]["gpt"]["error"] == "FingerprintMismatch"
+    assert {"chem/<QED>", "lang/<FR>", "prot/<AMP>"} <= {t["id"] for t in tags["tags"]}
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/generate", "/v1/tags", "/healthz"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert "qed" in body["examples"] and "compose" in body["examples"]
+
+
+def test_served_equals_offline(client, offline):
+    for req in MIXED:
+        r = client.post("/v1/predict", json=req)
+        assert r.status_code == 200, r.text
+        assert same(r.json(), offline.predict([req])[0]), (req, r.json())
+    e = client.post("/v1/predict", json=qed(SMILES[2], ensemble="chem-ens")).json()
+    assert e["prediction"] == pytest.approx(statistics.mean(e["members"].values()), abs=1e-9)
+    gen = [{"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour"},
+            "max_new_tokens": 6},
+           {"task": "translate", "tagset": "lang", "inputs": {"src_lang": "EN", "tgt_lang": "ES", "src": "Save"}}]
+    for req in gen:
+        r = client.post("/v1/generate", json=req)
+        assert r.status_code == 200, r.text
+        assert r.json() == offline.generate([req])[0]
+
+
+def _passes(before: dict, after: dict) -> tuple[int, int]:
+    reqs = sum(after[k]["requests"] - before.get(k, {}).get("requests", 0) for k in after)
+    return reqs, sum(after[k]["forward_passes"] - before.get(k, {}).get("forward_passes", 0) for k in after)
+
+
+def test_concurrent_mixed_requests_share_forward_passes(server, offline):
+    from ray import serve
+
+    before = {k: v["stats"] for k, v in replicas().items()}
+    bodies = [("/v1/predict", MIXED[i % len(MIXED)]) for i in range(96)]
+    res = asyncio.run(load(server["url"], bodies, concurrency=48))
+    assert res["status"] == [200] * len(bodies)
+    for (_, req), got in zip(bodies, res["bodies"], strict=True):
+        assert same(got, offline.predict([req])[0]), (req, got)
+    after = {k: v["stats"] for k, v in replicas().items()}
+    reqs, passes = _passes(before, after)
+    print(f"\nHTTP: {reqs} requests in {passes} forward passes")
+    assert reqs == len(bodies) and passes < reqs
+    # through a handle requests reach the replicas faster than HTTP: full mixed batches
+    h = serve.get_deployment_handle("TagModel", app_name=APP)
+    reqs_ = [MIXED[i % len(MIXED)] for i in range(64)]
+    outs = [r.result()["result"] for r in [h.predict.remote(q) for q in reqs_]]
+    for req, got in zip(reqs_, outs, strict=True):
+        assert same(got, offline.predict([req])[0]), (req, got)
+    reqs, passes = _passes(after, {k: v["stats"] for k, v in replicas().items()})
+    print(f"handle: {reqs} requests in {passes} forward passes")
+    assert reqs == 64 and passes <= 16  # different sets / compositions / ensembles in shared passes
+
+
+BAD = [  # (path, json or raw bytes, status, field)
+    ("/v1/predict", qed("C1CC"), 422, "inputs.smiles"),  # invalid SMILES
+    ("/v1/predict", {"tag": "<AMP>", "inputs": {"seq": "MKTXZB"}}, 422, "inputs.seq"),  # not amino acids
+    ("/v1/predict", {"tag": "<Nope>", "inputs": {"smiles": "CCO"}}, 404, "tag"),
+    ("/v1/predict", {"task": "nope", "inputs": {"smiles": "CCO"}}, 404, "task"),
+    ("/v1/predict", qed("CCO", ensemble="nope"), 404, "ensemble"),
+    ("/v1/predict", qed("CCO", tagset="nope"), 404, "tagset"),
+    ("/v1/predict", qed("CCO", compose={"<SMILES>": "chem/<QED>"}), 422, "compose.<SMILES>"),  # wrong kind
+    ("/v1/generate", {"tag": "<Translate>", "inputs": {"src_lang": "Translate", "tgt_lang": "FR", "src": "x"}},
+     422, "inputs.src_lang"),  # a function tag in a domain slot
+    ("/v1/generate", {"tag": "<Translate>", "inputs": {"src_lang": "PT", "tgt_lang": "FR", "src": "x"}},
+     404, "inputs.src_lang"),
+    ("/v1/predict", qed("CCO", tagset="gpt"), 409, "tagset"),  # tags of another base
+    ("/v1/predict", qed("CCO", ensemble="mixed-base"), 409, "ensemble"),
+    ("/v1/predict", qed("CCO", compose={"<SMILES>": "gpt"}), 409, "compose.<SMILES>"),
+    ("/v1/predict", qed("C" * 400), 422, "inputs.smiles"),  # over the task's max_length tokens
+    ("/v1/predict", qed("C" * 10_001), 422, "inputs.smiles"),  # over the schema's character limit
+    ("/v1/generate", {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x " * 300}},
+     422, "inputs.src"),
+    ("/v1/predict", b'{"tag": "<QED>", "inputs": {"smiles": "CCO"', 422, "body"),  # malformed JSON
+    ("/v1/predict", b"[" * 3000 + b"]" * 3000, 400, "body"),  # nested too deep for the JSON parser
+    ("/v1/predict", b"x" * 300_000, 413, "body"),
+    ("/v1/predict", {"tag": "<QED>", "inputs": {"smiles": 5}}, 422, "inputs.smiles"),
+    ("/v1/predict", {"tag": "<QED>", "inputs": {"smiles": "CCO"}, "extra": 1}, 422, "extra"),
+    ("/v1/predict", {"tag": "<QED>"}, 422, "inputs"),
+    ("/v1/predict", [1, 2], 422, "body"),
+    ("/v1/predict", {"inputs": {"smiles": "CCO"}}, 422, "tag"),
+    ("/v1/predict", {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x"}}, 422,
+     "task"),  # a generation task on the predict route
+    ("/v1/generate", {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x"},
+                      "max_new_tokens": 10_000}, 422, "max_new_tokens"),
+    ("/v1/nope", {}, 404, "path"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, field", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_input_is_4xx_json_naming_the_field(client, path, body, status, field):
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    j = r.json()
+    assert j["field"] == field and j["error"] and j["message"], j
+
+
+def test_auth(client):
+    url = str(client.base_url)
+    assert httpx.post(url + "/v1/predict", json=qed("CCO")).status_code == 401
+    r = httpx.post(url + "/v1/predict", json=qed("CCO"), headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["field"] == "Authorization"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(url + "/v1/tags").status_code == 401
+
+
+JSONV = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                     max_leaves=12)
+TAGS = st.sampled_from(["<QED>", "<LogP>", "<AMP>", "<Descriptor>", "<Translate>", "QED", "<SMILES>", "<>", ""])
+FIELDS = st.sampled_from(["smiles", "seq", "src", "src_lang", "tgt_lang", "qed", ""])
+NAMES = st.sampled_from(["chem", "chem2", "prot", "lang", "gpt", "chem-ens", "mixed-base", "x/y", ""])
+NEAR = st.fixed_dictionaries(
+    {"inputs": st.dictionaries(FIELDS, st.sampled_from(SMILES + PEPTIDES + ["FR", "DE", "", "C1CC", "Translate"])
+                               | st.text(max_size=30), max_size=4)},
+    optional={"tag": TAGS | st.text(max_size=10), "task": st.sampled_from(["qed", "amp", "translate", "x"]),
+              "tagset": NAMES, "ensemble": NAMES, "max_new_tokens": st.integers(-2, 8),
+              "compose": st.dictionaries(TAGS, NAMES | st.text(max_size=12), max_size=3), "junk": JSONV})
+
+
+def check_4xx_or_ok(r: httpx.Response) -> None:
+    assert r.status_code < 500, (r.status_code, r.text)
+    if r.status_code >= 400:
+        j = r.json()
+        assert isinstance(j["field"], str) and j["error"] and isinstance(j["message"], str)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=NEAR | JSONV, route=st.sampled_from(["/v1/predict", "/v1/generate"]))
+def test_fuzz_json_bodies_never_5xx(client, body, route):
+    check_4xx_or_ok(client.post(route, json=body))
+
+
+@settings(max_examples=60, deadline=None)
+@given(raw=st.binary(max_size=64) | st.text(max_size=64).map(str.encode),
+       ctype=st.sampled_from(["application/json", "text/plain", ""]))
+def test_fuzz_raw_bodies_never_5xx(client, raw, ctype):
+    check_4xx_or_ok(client.post("/v1/predict", content=raw, headers={"content-type": ctype} if ctype else {}))
+
+
+def test_reconfigure_reloads_registry_in_place(server, client, registry, tiny_llama, tmp_path):
+    pids = {m["pid"] for m in replicas().values()}
+    reg2 = str(tmp_path / "registry2")
+    shutil.copytree(registry, reg2)
+    publish_tagset(reg2, "chem3", random_tagset(tiny_llama, ["qed"], seed=7))
+    cfg = json.loads(json.dumps(server["apps"][0]))
+    cfg["deployments"][0]["user_config"]["registry"] = reg2
+    deploy([cfg])
+    deadline = time.time() + 60
+    while "chem3" not in client.get("/v1/tags").json()["tagsets"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert all("chem3" in client.get("/v1/tags").json()["tagsets"] for _ in range(6))  # every replica
+    assert {m["pid"] for m in replicas().values()} == pids  # reloaded in place, not restarted
+    r = client.post("/v1/predict", json=qed("CCO", tagset="chem3"))
+    assert r.status_code == 200 and r.json()["tagset"] == "chem3"
+    server["apps"] = [cfg]
+
+
+def test_load_1000_requests_concurrency_32(server):
+    bodies = [("/v1/predict", MIXED[i % len(MIXED)]) for i in range(1000)]
+    t = time.perf_counter()
+    res = asyncio.run(load(server["url"], bodies, concurrency=32))
+    wall = time.perf_counter() - t
+    errors = [s for s in res["status"] if s != 200]
+    lat = res["latency"]
+    print(f"\n1000 requests, concurrency 32: {1000 / wall:.0f} req/s, p50 {pct(lat, 0.5) * 1e3:.0f} ms, "
+          f"p99 {pct(lat, 0.99) * 1e3:.0f} ms, {len(errors)} errors, {res['retries']} retries")
+    assert not errors and res["retries"] == 0
+
+
+def test_replica_killed_during_load_loses_no_request(server):
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP}#TagModel#")]
+    assert len(names) == 2
+    victim = ray.get_actor(names[0], namespace="serve")
+    killed = threading.Event()
+
+    async def kill_soon():
+        async def later():
+            await asyncio.sleep(1.0)
+            ray.kill(victim, no_restart=True)
+            killed.set()
+
+        asyncio.get_running_loop().create_task(later())
+
+    bodies = [("/v1/predict", MIXED[i % len(MIXED)]) for i in range(400)]
+    res = asyncio.run(load(server["url"], bodies, concurrency=32, on_start=kill_soon))
+    assert killed.is_set()
+    bad = [(s, b) for s, b in zip(res["status"], res["bodies"], strict=True) if s != 200]
+    print(f"\nreplica killed under load: {len(bodies)} requests, {len(bad)} lost, {res['retries']} client retries")
+    assert not bad, bad[:3]
+    deploy(server["apps"])  # Serve replaces the replica; wait for it before later tests
+
+
+def test_smollm2_replicas_share_the_base(server, smollm2, tmp_path):
+    """Two SmolLM2 replicas on one node: the weights live once in shared memory, not per replica."""
+    reg = str(tmp_path / "real")
+    publish_tagset(reg, "chem", random_tagset(smollm2, ["qed"], seed=1, length=10))
+    publish_tagset(reg, "chem2", random_tagset(smollm2, ["qed"], seed=2, length=10))
+    publish_ensemble(reg, "ens", ["chem", "chem2"])
+    real = app_config("real", reg, "smollm2-135m", "/real")
+    t0 = time.time()
+    deploy(server["apps"] + [real])
+    print(f"\nSmolLM2 app (2 replicas) up in {time.time() - t0:.1f}s")
+    try:
+        offline = Predictor.from_registry(smollm2, reg)
+        with httpx.Client(base_url=server["url"] + "/real", timeout=120,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            for req in (qed(SMILES[2], ensemble="ens"), qed(SMILES[0], compose={"<SMILES>": "chem2"})):
+                r = c.post("/v1/predict", json=req)
+                assert r.status_code == 200, r.text
+                assert same(r.json(), offline.predict([req])[0], tol=1e-4)
+        mems = replicas("real")
+        assert len(mems) == 2
+        for m in mems.values():
+            base, w = m["base_bytes"], m["weights_mapping"]
+            delta = m["uss_after_base"] - m["uss_before_base"]
+            private = (w.get("private_clean_kb", 0) + w.get("private_dirty_kb", 0)) * 1024
+            print(f"replica {m['pid']}: USS {m['uss'] / 2**20:.0f} MiB, +{delta / 2**20:.0f} MiB private when "
+                  f"attaching a {base / 2**20:.0f} MiB base; weights in {w.get('path')}: "
+                  f"{w.get('rss_kb', 0) / 1024:.0f} MiB resident, {private / 2**20:.1f} MiB private")
+            assert m["dtype"] == "float32" and base > 500 * 2**20
+            assert w.get("path", "").startswith(("/dev/shm", "/tmp")) and private < 0.01 * base
+            assert delta < 0.35 * base  # tokenizer + model skeleton + imports, no copy of the weights
+    finally:
+        deploy(server["apps"])  # remove the SmolLM2 app
