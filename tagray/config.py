@@ -59,13 +59,13 @@ class TrainConfig:
     def __post_init__(self):
         for k in ("tag_length", "batch_size", "max_steps", "eval_every", "grad_accum", "eval_rows"):
             if getattr(self, k) < 1:
-                raise ConfigError(f"train.{k}", "must be >= 1")
+                raise ConfigError(k, "must be >= 1")
         if not self.lr > 0:
-            raise ConfigError("train.lr", "must be > 0")
+            raise ConfigError("lr", "must be > 0")
         if self.head_init not in ("ridge", "paper"):
-            raise ConfigError("train.head_init", "use ridge or paper")
+            raise ConfigError("head_init", "use ridge or paper")
         if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError("train.warmup_ratio", "must be in [0, 1)")
+            raise ConfigError("warmup_ratio", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,11 @@ class ScalingConfig:
 
     def __post_init__(self):
         if self.num_workers < 1:
-            raise ConfigError("scaling.num_workers", "must be >= 1")
+            raise ConfigError("num_workers", "must be >= 1")
         if self.strategy not in ("ddp", "fsdp"):
-            raise ConfigError("scaling.strategy", "use ddp or fsdp")
+            raise ConfigError("strategy", "use ddp or fsdp")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ConfigError("scaling.placement_strategy", "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+            raise ConfigError("placement_strategy", "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
 
 
 @dataclass(frozen=True)

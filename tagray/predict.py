@@ -69,11 +69,19 @@ class Prepared:
     max_new_tokens: int = 0
 
 
+def _check_str(v: object, field: str) -> str:
+    if not isinstance(v, str):
+        raise InputError(field, f"expected a string, got {type(v).__name__}")
+    try:
+        v.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"); tokenizers and RDKit choke on them
+    except UnicodeEncodeError:
+        raise InputError(field, "not valid Unicode text (lone surrogate)") from None
+    return v
+
+
 def _str(req: Mapping, key: str) -> str | None:
     v = req.get(key)
-    if v is not None and not isinstance(v, str):
-        raise InputError(key, f"expected a string, got {type(v).__name__}")
-    return v
+    return None if v is None else _check_str(v, key)
 
 
 def _norm_tag(tag: str, field: str = "tag") -> str:
@@ -91,7 +99,9 @@ def _input_error(e: TagrayError, fields: set[str]) -> TagrayError:
     return e
 
 
-def load_registry_lenient(path: str, base_fp: dict) -> tuple[dict[str, TagSet], dict[str, dict], dict[str, TagrayError]]:
+def load_registry_lenient(
+    path: str, base_fp: dict
+) -> tuple[dict[str, TagSet], dict[str, dict], dict[str, TagrayError]]:
     """Like :func:`tagray.registry.load_registry`, but a tag set trained on another base (or unreadable)
     is set aside with its error instead of failing the whole registry: requests that name it get that
     error (409 for a foreign base) while everything else keeps serving.
@@ -99,8 +109,13 @@ def load_registry_lenient(path: str, base_fp: dict) -> tuple[dict[str, TagSet], 
     Returns:
         ``(tagsets, ensembles, rejected)`` with ``rejected``: set name -> the error to report.
     """
+    import fsspec
+
     from .registry import list_ensembles, list_tagsets
 
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.isdir(root):
+        raise ConfigError("registry", f"{path} is not a folder (expected tagsets/ and ensembles/ in it)")
     prefix = path.rstrip("/")
     sets: dict[str, TagSet] = {}
     rejected: dict[str, TagrayError] = {}
@@ -126,8 +141,15 @@ class Predictor:
         max_batch_rows: rows per forward pass (larger request lists are processed in chunks).
     """
 
-    def __init__(self, base: Base, tagsets: Mapping[str, TagSet], ensembles: Mapping[str, object] | None = None,
-                 *, rejected: Mapping[str, TagrayError] | None = None, max_batch_rows: int = 64):
+    def __init__(
+        self,
+        base: Base,
+        tagsets: Mapping[str, TagSet],
+        ensembles: Mapping[str, object] | None = None,
+        *,
+        rejected: Mapping[str, TagrayError] | None = None,
+        max_batch_rows: int = 64,
+    ):
         self.base = base
         self.tok = base.tokenizer
         self.sets = dict(tagsets)
@@ -138,28 +160,37 @@ class Predictor:
                 raise ConfigError("tagsets", f"tag set name {name!r} may not contain '/'")
             ts.check_base(base.fingerprint, where=f"tagsets.{name}")
         self.ensembles: dict[str, list[str]] = {}
+        self.rejected_ensembles: dict[str, TagrayError] = {}
         for name, doc in (ensembles or {}).items():
             members = list(doc["members"] if isinstance(doc, Mapping) else doc)
             if not members:
                 raise ConfigError(f"ensembles.{name}", "an ensemble needs at least one member")
             unknown = [m for m in members if m not in self.sets and m not in self.rejected]
-            if unknown:
-                raise UnknownTagError(f"ensembles.{name}", f"members not among the tag sets: {unknown}")
+            if unknown:  # refused per request, so one stale ensemble does not take the registry down
+                self.rejected_ensembles[name] = UnknownTagError(
+                    "ensemble", f"ensemble {name!r} has members that are not tag sets here: {unknown}"
+                )
+                continue
             self.ensembles[name] = members
         self.tasks: dict[str, dict[str, TaskSpec]] = {
             n: {t: parse_task(d, where=f"tagsets.{n}.tasks.{t}") for t, d in ts.tasks.items()}
-            for n, ts in self.sets.items()}
+            for n, ts in self.sets.items()
+        }
         self.device = next(base.model.parameters()).device
         self.model: TagLLM | None = None
         if self.sets:
             merged = merge_tagsets(self.sets)
             bank = TagBank(merged.tags)  # nothing trainable: every tag is a frozen buffer
-            heads = (HeadBank(merged.heads, merged.head_specs, base.d_model, stats=merged.head_stats)
-                     if merged.heads else None)
+            heads = (
+                HeadBank(merged.heads, merged.head_specs, base.d_model, stats=merged.head_stats)
+                if merged.heads
+                else None
+            )
             # isolation is decided per row (spans of rows from non-isolating sets are zeroed), so the
             # model applies the span mask whenever a row asks for it
-            self.model = TagLLM(base.model, bank.to(self.device), heads.to(self.device) if heads else None,
-                                isolate_spans=True).eval()
+            self.model = TagLLM(
+                base.model, bank.to(self.device), heads.to(self.device) if heads else None, isolate_spans=True
+            ).eval()
         self._encoders: OrderedDict[tuple, TemplateEncoder] = OrderedDict()
         self.stats = {"requests": 0, "rows": 0, "forward_passes": 0, "generate_passes": 0}
 
@@ -168,7 +199,6 @@ class Predictor:
         """Every tag set and ensemble of a registry folder (local or ``s3://``); foreign sets are rejected
         per request, not at load time."""
         sets, ens, rejected = load_registry_lenient(path, base.fingerprint)
-        ens = {n: d for n, d in ens.items()}
         return cls(base, sets, ens, rejected=rejected, **kw)
 
     # ---- catalogue ---------------------------------------------------------------------------------
@@ -178,33 +208,43 @@ class Predictor:
         out = []
         for sname, ts in self.sets.items():
             specs = self.tasks[sname]
+            static = {t for s in specs.values() for t in template_tags(s.template)}
             for tag, info in ts.tag_info.items():
-                tasks = [t for t, s in specs.items() if self._task_uses(s, tag, info)]
-                rec = {"tagset": sname, "name": tag, "id": f"{sname}/{tag}", "kind": info.get("kind"),
-                       "length": info.get("length"), "stage": info.get("stage"), "tasks": tasks,
-                       "metrics": {t: ts.metrics[t] for t in tasks if t in ts.metrics},
-                       "base": fingerprint_id(ts.base)}
+                tasks = [t for t, s in specs.items() if self._task_uses(s, tag, info, static)]
+                rec = {
+                    "tagset": sname,
+                    "name": tag,
+                    "id": f"{sname}/{tag}",
+                    "kind": info.get("kind"),
+                    "length": info.get("length"),
+                    "stage": info.get("stage"),
+                    "tasks": tasks,
+                    "metrics": {t: ts.metrics[t] for t in tasks if t in ts.metrics},
+                    "base": fingerprint_id(ts.base),
+                }
                 if tag in ts.head_specs:
                     rec["head"] = ts.head_specs[tag].to_json()
                 out.append(rec)
         return out
 
     @staticmethod
-    def _task_uses(spec: TaskSpec, tag: str, info: Mapping) -> bool:
+    def _task_uses(spec: TaskSpec, tag: str, info: Mapping, static: set[str]) -> bool:
         if info.get("kind") == "function":
             return spec.function_tag == tag
         if tag in template_tags(spec.template):
             return True
-        # dynamic slots (<{lang}>): attribute LM tasks of the tag's own stage to it
-        dynamic = any(p.kind == "tag" and p.dynamic for p in parse_template(spec.template))
-        return dynamic and spec.function_tag is None
+        # a tag that only ever fills dynamic slots (<FR> in "<{lang}> {text}") belongs to those tasks
+        return tag not in static and any(p.kind == "tag" and p.dynamic for p in parse_template(spec.template))
 
     def describe(self) -> dict:
         """Catalogue plus ensembles and rejected tag sets (what ``GET /v1/tags`` returns)."""
-        return {"base": fingerprint_id(self.base.fingerprint), "tags": self.catalogue(),
-                "tagsets": sorted(self.sets),
-                "ensembles": {n: {"members": m} for n, m in self.ensembles.items()},
-                "rejected": {n: e.to_dict() for n, e in self.rejected.items()}}
+        return {
+            "base": fingerprint_id(self.base.fingerprint),
+            "tags": self.catalogue(),
+            "tagsets": sorted(self.sets),
+            "ensembles": {n: {"members": m} for n, m in self.ensembles.items()},
+            "rejected": {n: e.to_dict() for n, e in {**self.rejected, **self.rejected_ensembles}.items()},
+        }
 
     # ---- resolution --------------------------------------------------------------------------------
 
@@ -233,14 +273,20 @@ class Predictor:
             return False
         return all(t in ts.tags for t in template_tags(spec.template))
 
-    def _members(self, req: Mapping, tag: str | None, task: str | None, generate: bool) -> tuple[list[str], str | None]:
+    def _members(
+        self, req: Mapping, tag: str | None, task: str | None, generate: bool
+    ) -> tuple[list[str], str | None]:
         """Tag-set names serving the request, and the ensemble name (if one was asked for)."""
         tagset, ensemble = _str(req, "tagset"), _str(req, "ensemble")
         if tagset is not None and ensemble is not None:
             raise InputError("ensemble", "give a tag set or an ensemble, not both")
         if ensemble is not None:
+            if ensemble in self.rejected_ensembles:
+                raise self.rejected_ensembles[ensemble]
             if ensemble not in self.ensembles:
-                raise UnknownTagError("ensemble", f"unknown ensemble {ensemble!r}; known: {sorted(self.ensembles)}")
+                raise UnknownTagError(
+                    "ensemble", f"unknown ensemble {ensemble!r}; known: {sorted(self.ensembles)}"
+                )
             for m in self.ensembles[ensemble]:
                 self._set(m, "ensemble")  # a member trained on another base makes the ensemble unusable
             return self.ensembles[ensemble], ensemble
@@ -255,13 +301,22 @@ class Predictor:
         known = sorted({s.function_tag for sp in self.tasks.values() for s in sp.values() if s.function_tag})
         raise UnknownTagError(field, f"no tag set provides {what}; function tags: {known}")
 
-    def _resolve(self, sname: str, spec: TaskSpec, row: Mapping, compose: Mapping[str, str], generate: bool) -> Member:
+    def _resolve(
+        self, sname: str, spec: TaskSpec, row: Mapping, compose: Mapping[str, str], generate: bool
+    ) -> Member:
         """Map each template tag of ``spec`` (for this row) to a bank tag, checking existence and kind."""
         # (resolved name, field to blame, kind the slot needs) per tag slot of the template
-        slots = [(f"<{row[p.value]}>", f"inputs.{p.value}", "domain") if p.dynamic else
-                 (p.value, "tag" if p.value == spec.function_tag else "template",
-                  "function" if p.value == spec.function_tag else "domain")
-                 for p in parse_template(spec.template) if p.kind == "tag"]
+        slots = [
+            (f"<{row[p.value]}>", f"inputs.{p.value}", "domain")
+            if p.dynamic
+            else (
+                p.value,
+                "tag" if p.value == spec.function_tag else "template",
+                "function" if p.value == spec.function_tag else "domain",
+            )
+            for p in parse_template(spec.template)
+            if p.kind == "tag"
+        ]
         names = [n for n, _, _ in slots]
         unused = [k for k in compose if k not in names]
         if unused:
@@ -275,10 +330,14 @@ class Predictor:
                 src_tag = _norm_tag(given, field) if given else t
             ts = self._set(src, field)
             if src_tag not in ts.tags:
-                raise UnknownTagError(field, f"tag set {src!r} has no tag {src_tag}; its tags: {sorted(ts.tags)}")
+                raise UnknownTagError(
+                    field, f"tag set {src!r} has no tag {src_tag}; its tags: {sorted(ts.tags)}"
+                )
             have = ts.tag_info[src_tag].get("kind", "domain")
             if have != want:
-                raise InputError(field, f"{src_tag} is a {have} tag; this slot of {spec.name!r} needs a {want} tag")
+                raise InputError(
+                    field, f"{src_tag} is a {have} tag; this slot of {spec.name!r} needs a {want} tag"
+                )
             rename[t] = f"{src}/{src_tag}"
         head = None
         if not generate:
@@ -288,7 +347,9 @@ class Predictor:
                 raise UnknownTagError("tag", f"tag set {hset!r} has no head for {htag}")
             hspec = self.sets[hset].head_specs[htag]
             if hspec.kind != spec.target.kind:
-                raise InputError("tag", f"head {head} is {hspec.kind}, task {spec.name!r} is {spec.target.kind}")
+                raise InputError(
+                    "tag", f"head {head} is {hspec.kind}, task {spec.name!r} is {spec.target.kind}"
+                )
         isolate = bool(self.sets[sname].meta.get("train_config", {}).get("isolate_spans", False))
         return Member(sname, spec, rename, head, isolate)
 
@@ -296,9 +357,17 @@ class Predictor:
         key = (owner, spec.name, tuple(sorted(rename.items())))
         enc = self._encoders.get(key)
         if enc is None:
-            enc = TemplateEncoder(self.tok, spec.template, self.model.tags.slots, char_fields=spec.char_fields,
-                                  lm_field=spec.target.field, lm_eos=spec.target.eos, head_tag=spec.head_tag,
-                                  rename=rename, max_length=spec.max_length)
+            enc = TemplateEncoder(
+                self.tok,
+                spec.template,
+                self.model.tags.slots,
+                char_fields=spec.char_fields,
+                lm_field=spec.target.field,
+                lm_eos=spec.target.eos,
+                head_tag=spec.head_tag,
+                rename=rename,
+                max_length=spec.max_length,
+            )
             self._encoders[key] = enc
             while len(self._encoders) > 512:  # compositions are user input: bound the cache
                 self._encoders.popitem(last=False)
@@ -326,8 +395,8 @@ class Predictor:
             if not isinstance(d, Mapping):
                 raise InputError(key, f"expected an object, got {type(d).__name__}")
             for k, v in d.items():
-                if not isinstance(k, str) or not isinstance(v, str):
-                    raise InputError(f"{key}.{k}", "expected a string")
+                _check_str(k, key)
+                _check_str(v, f"{key}.{k}")
         compose = {_norm_tag(k, f"compose.{k}"): v for k, v in compose.items()}
         names, ensemble = self._members(req, tag, task, generate)
         members, rows = [], []
@@ -364,8 +433,17 @@ class Predictor:
             mnt = spec0.generate.get("max_new_tokens", 48) if mnt is None else mnt
             if isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= MAX_NEW_TOKENS:
                 raise InputError("max_new_tokens", f"expected an integer in [1, {MAX_NEW_TOKENS}]")
-        return Prepared(index, spec0.target.kind, spec0.function_tag, spec0.name, None if ensemble else names[0],
-                        ensemble, members, rows, mnt)
+        return Prepared(
+            index,
+            spec0.target.kind,
+            spec0.function_tag,
+            spec0.name,
+            None if ensemble else names[0],
+            ensemble,
+            members,
+            rows,
+            mnt,
+        )
 
     def _validate_inputs(self, spec: TaskSpec, inputs: Mapping[str, str]) -> dict:
         need = spec.input_fields
@@ -444,20 +522,35 @@ class Predictor:
         names = [m.tagset for m in p.members]
         v = torch.stack(vals).double()  # (M, k) values or (M, C) probabilities
         mean, std = v.mean(0), v.std(0, unbiased=False)
-        out = {"task": p.task, "tag": p.tag, "kind": p.kind, "tagset": p.tagset, "ensemble": p.ensemble,
-               "composition": {m.tagset: dict(m.rename) for m in p.members}}
+        out = {
+            "task": p.task,
+            "tag": p.tag,
+            "kind": p.kind,
+            "tagset": p.tagset,
+            "ensemble": p.ensemble,
+            "composition": {m.tagset: dict(m.rename) for m in p.members},
+        }
         if p.kind == "regression":
             scalar = v.shape[1] == 1
             pick = (lambda t: float(t[0])) if scalar else (lambda t: [float(x) for x in t])
-            out.update(prediction=pick(mean), std=pick(std), members={n: pick(x) for n, x in zip(names, v, strict=True)},
-                       columns=list(p.members[0].spec.target.columns), probabilities=None)
+            out.update(
+                prediction=pick(mean),
+                std=pick(std),
+                members={n: pick(x) for n, x in zip(names, v, strict=True)},
+                columns=list(p.members[0].spec.target.columns),
+                probabilities=None,
+            )
         else:
             hset, _, htag = p.members[0].head.partition("/")
             classes = list(self.sets[hset].head_specs[htag].classes) or [str(i) for i in range(v.shape[1])]
             best = int(mean.argmax())
-            out.update(prediction=classes[best], std=float(std[best]),
-                       members={n: classes[int(x.argmax())] for n, x in zip(names, v, strict=True)},
-                       columns=None, probabilities={c: float(x) for c, x in zip(classes, mean, strict=True)})
+            out.update(
+                prediction=classes[best],
+                std=float(std[best]),
+                members={n: classes[int(x.argmax())] for n, x in zip(names, v, strict=True)},
+                columns=None,
+                probabilities={c: float(x) for c, x in zip(classes, mean, strict=True)},
+            )
         return out
 
     # ---- generation --------------------------------------------------------------------------------
@@ -477,12 +570,18 @@ class Predictor:
         tok = self.tok
         for s in range(0, len(order), self.max_batch_rows):
             chunk = [flat[k] for k in order[s : s + self.max_batch_rows]]
-            batch = to_device(collate([p.rows[j] for p, j in chunk], pad_id=tok.pad_token_id, left_pad=True),
-                              self.device)
+            batch = to_device(
+                collate([p.rows[j] for p, j in chunk], pad_id=tok.pad_token_id, left_pad=True), self.device
+            )
             emb = self.model.embed(batch["input_ids"], batch["tag_rows"])  # (B, T, d)
-            gen = self.model.base.generate(inputs_embeds=emb, attention_mask=batch["attention_mask"],
-                                           do_sample=False, max_new_tokens=max(p.max_new_tokens for p, _ in chunk),
-                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            gen = self.model.base.generate(
+                inputs_embeds=emb,
+                attention_mask=batch["attention_mask"],
+                do_sample=False,
+                max_new_tokens=max(p.max_new_tokens for p, _ in chunk),
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
             self.stats["generate_passes"] += 1
             self.stats["rows"] += len(chunk)
             for g, (p, j) in zip(gen, chunk, strict=True):
@@ -492,7 +591,14 @@ class Predictor:
             values = list(outs.values())
             # an ensemble answers with its most common generation (ties: the first member's)
             text = max(values, key=lambda t: (values.count(t), -values.index(t)))
-            done[p.index] = {"task": p.task, "tag": p.tag, "kind": p.kind, "tagset": p.tagset,
-                             "ensemble": p.ensemble, "text": text, "members": outs,
-                             "composition": {m.tagset: dict(m.rename) for m in p.members}}
+            done[p.index] = {
+                "task": p.task,
+                "tag": p.tag,
+                "kind": p.kind,
+                "tagset": p.tagset,
+                "ensemble": p.ensemble,
+                "text": text,
+                "members": outs,
+                "composition": {m.tagset: dict(m.rename) for m in p.members},
+            }
         return done

@@ -174,6 +174,8 @@ def build_setup(job: StageJob, base: Base | None = None) -> Setup:
         if h in train_heads:
             feats, y = head_features(setup, td, cfg.probe_rows)
             mu, sd = feats.mean(0), (feats.std(0) if len(feats) > 1 else torch.ones(feats.shape[1]))
+            # floor tiny stds: a near-constant dimension must not amplify small feature drifts later
+            sd = sd.clamp_min(0.1 * float(sd.median()))
             heads.set_stats(h, mu, sd)
             if cfg.head_init == "ridge" and len(feats) >= 8:
                 with torch.no_grad():
@@ -426,9 +428,14 @@ def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None =
         if os.path.exists(os.path.join(best_dir, "tagset.json")):
             best = load_tagset(best_dir)
             best_state = ({n: best.tags[n] for n in setup.train_tags}, {n: best.heads[n] for n in setup.train_heads})
+        state["resumed_from_step"] = state["step"]
         rt.log(f"stage {job.stage.name}: resumed from step {state['step']}")
 
     pad = setup.base.tokenizer.pad_token_id
+    if state["step"] == 0 and setup.train_heads:
+        # score the initial (ridge-initialised) heads too, so the best state is never worse than the probe
+        best_state = _validate_and_report(rt, job, setup, opt, state, device, autocast, [0.0], 0.0, best_state,
+                                          report=False)
     model.train()
     t0, tokens, losses = time.time(), 0, []
     from tqdm.auto import tqdm
@@ -488,14 +495,15 @@ def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None =
     final = current_tagset(setup, metrics, stage=job.stage.name)
     final.meta = {"run": job.run_name, "base": job.base, "best_step": state.get("best_step"), "steps": state["step"],
                   "train_config": asdict(cfg), "tasks": [td.spec.name for td in setup.tasks],
-                  "config_hash": config_hash}
+                  "config_hash": config_hash, "resumed_from_step": state.get("resumed_from_step")}
     if rt.rank == 0 and job.output:
         save_tagset(final, job.output)
         rt.log(f"stage {job.stage.name}: artifact written to {job.output}")
     return final, test
 
 
-def _validate_and_report(rt, job, setup, opt, state, device, autocast, losses, tok_per_s, best_state):
+def _validate_and_report(rt, job, setup, opt, state, device, autocast, losses, tok_per_s, best_state,
+                         report: bool = True):
     cfg = job.stage.train
     step = state["step"]
     metrics = {"step": step, "train_loss": sum(losses[-cfg.eval_every:]) / max(1, len(losses[-cfg.eval_every:])),
@@ -516,6 +524,8 @@ def _validate_and_report(rt, job, setup, opt, state, device, autocast, losses, t
         state["history"].append({k: v for k, v in metrics.items() if not k.startswith("val/")})
         rt.log(f"stage {job.stage.name} step {step}: train_loss {metrics['train_loss']:.4f} "
                f"val_loss {metrics['val_loss']:.4f} ({tok_per_s:,.0f} tok/s)")
+    if not report:
+        return best_state
     with tempfile.TemporaryDirectory(prefix="tagray-ckpt-") as d:
         if rt.rank == 0:
             save_checkpoint(d, setup, opt, dict(state), job.stage.name)

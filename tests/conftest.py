@@ -84,19 +84,22 @@ def tiny_base_dir(tiny_llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance shared by every Ray test (start-up dominates their cost)."""
+def ray_local(s3_server):
+    """One local Ray instance shared by every Ray test (start-up dominates their cost).
+
+    Workers inherit the S3 endpoint of the local moto server, so ``s3://`` storage works in any Ray test.
+    """
     import ray
 
-    os.environ.setdefault("RAY_TMPDIR", os.path.join(_TMP, "ray"))
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=os.path.join(_TMP, "ray"),
-                 runtime_env={"env_vars": {"TAGRAY_PROGRESS": "0", "HF_HUB_OFFLINE": "1",
-                                           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                                           "TAGRAY_CACHE": os.environ.get("TAGRAY_CACHE", "")}})
+        env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
+        env.update({"TAGRAY_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                    "TOKENIZERS_PARALLELISM": "false"})
+        if os.environ.get("TAGRAY_CACHE"):
+            env["TAGRAY_CACHE"] = os.environ["TAGRAY_CACHE"]
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=os.path.join(_TMP, "ray"),
+                 runtime_env={"env_vars": env})
     yield ray
-    # shut down at session end only; tests that need their own cluster use their own temp dirs
 
 
 @pytest.fixture(scope="session")

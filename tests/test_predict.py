@@ -14,7 +14,7 @@ import torch
 
 from tagray.core.artifacts import TagSet, save_tagset
 from tagray.core.base import Base
-from tagray.core.errors import FingerprintMismatch, InputError, TagrayError, UnknownTagError
+from tagray.core.errors import ConfigError, FingerprintMismatch, InputError, TagrayError, UnknownTagError
 from tagray.core.model import TagLLM
 from tagray.core.tags import HeadSpec, TagBank, mean_embedding_init
 from tagray.core.template import template_tags
@@ -26,8 +26,9 @@ SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CN1C=NC2=C1C(=O)N(C(=O)N2C)
 PEPTIDES = ["GLFDIVKKVVGALGSL", "KWKLFKKIEKVGQNIRDGIIKAGPAVAVVGQATQIAK"]
 
 
-def random_tagset(base: Base, tasks: list[str], seed: int = 0, length: int = 3, extra_tags=(),
-                  stage: str = "s1") -> TagSet:
+def random_tagset(
+    base: Base, tasks: list[str], seed: int = 0, length: int = 3, extra_tags=(), stage: str = "s1"
+) -> TagSet:
     """A tag set for ``tasks`` on ``base`` with random tags and heads (no data, no training).
 
     ``extra_tags`` adds domain tags that dynamic template slots resolve to (e.g. ``<FR>``).
@@ -53,15 +54,24 @@ def random_tagset(base: Base, tasks: list[str], seed: int = 0, length: int = 3, 
                 k = len(spec.target.columns)
                 specs[spec.head_tag] = HeadSpec("regression", k, (0.5,) * k, (0.2,) * k)
             else:
-                specs[spec.head_tag] = HeadSpec("classification", len(spec.target.classes),
-                                                classes=spec.target.classes)
+                specs[spec.head_tag] = HeadSpec(
+                    "classification", len(spec.target.classes), classes=spec.target.classes
+                )
             heads[spec.head_tag] = torch.randn(specs[spec.head_tag].out_dim, d + 1, generator=g) * 0.5
             stats[spec.head_tag] = torch.stack([torch.randn(d, generator=g) * 0.1, torch.ones(d)])
     for t in extra_tags:
         add(t, "domain")
-    return TagSet(tags, heads, info, specs, base.fingerprint, tasks=task_docs,
-                  metrics={t: {"test": {"mse": 0.01}, "stage": stage} for t in task_docs}, stage=stage,
-                  head_stats=stats)
+    return TagSet(
+        tags,
+        heads,
+        info,
+        specs,
+        base.fingerprint,
+        tasks=task_docs,
+        metrics={t: {"test": {"mse": 0.01}, "stage": stage} for t in task_docs},
+        stage=stage,
+        head_stats=stats,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +92,19 @@ def pred(tiny_llama, sets):
 def same(a, b, tol: float = 1e-5) -> bool:
     """Equal JSON-like values, floats within ``tol`` (padding in a shared batch moves the last bits)."""
     if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=tol,
-                                                                                             abs_tol=tol)
+        return (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k], tol) for k in a)
     if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(same(x, y, tol) for x, y in zip(a, b, strict=True))
+        return (
+            isinstance(b, list)
+            and len(a) == len(b)
+            and all(same(x, y, tol) for x, y in zip(a, b, strict=True))
+        )
     return a == b
 
 
@@ -100,9 +117,15 @@ def test_matches_the_training_path(tiny_llama):
     from tagray.config import parse_pipeline
     from tagray.stage import StageJob, build_setup, current_tagset, encode_split, make_batch
 
-    cfg = parse_pipeline({"name": "t", "train": {"tag_length": 3, "max_steps": 1},
-                          "stages": [{"name": "s1", "tasks": [{"task": "qed", "limits": {"train": 32, "valid": 8,
-                                                                                           "test": 8}}]}]})
+    cfg = parse_pipeline(
+        {
+            "name": "t",
+            "train": {"tag_length": 3, "max_steps": 1},
+            "stages": [
+                {"name": "s1", "tasks": [{"task": "qed", "limits": {"train": 32, "valid": 8, "test": 8}}]}
+            ],
+        }
+    )
     setup = build_setup(StageJob(cfg.stages[0]), tiny_llama)
     with torch.no_grad():  # make the tags differ from their (identical) init
         setup.model.tags.trainable.add_(torch.randn_like(setup.model.tags.trainable) * 0.1)
@@ -117,16 +140,21 @@ def test_matches_the_training_path(tiny_llama):
 
 
 def test_mixed_batch_equals_single_requests(pred):
-    reqs = [qed(SMILES[0]), qed(SMILES[1], tagset="chem2"), qed(SMILES[2], ensemble="chem-ens"),
-            {"task": "logp", "inputs": {"smiles": SMILES[3]}, "compose": {"<SMILES>": "chem2"}},
-            {"tag": "<AMP>", "inputs": {"seq": PEPTIDES[0]}},
-            {"tag": "Descriptor", "tagset": "prot", "inputs": {"seq": PEPTIDES[1]}}]
+    reqs = [
+        qed(SMILES[0]),
+        qed(SMILES[1], tagset="chem2"),
+        qed(SMILES[2], ensemble="chem-ens"),
+        {"task": "logp", "inputs": {"smiles": SMILES[3]}, "compose": {"<SMILES>": "chem2"}},
+        {"tag": "<AMP>", "inputs": {"seq": PEPTIDES[0]}},
+        {"tag": "Descriptor", "tagset": "prot", "inputs": {"seq": PEPTIDES[1]}},
+    ]
     before = pred.stats["forward_passes"]
     batch = pred.predict(reqs)
     assert pred.stats["forward_passes"] == before + 1  # 7 rows (one ensemble of 2), one forward pass
     for r, b in zip(reqs, batch, strict=True):
         (s,) = pred.predict([r])
         assert same(s, b), (s, b)
+
 
 def test_ensemble_is_mean_of_members(pred):
     (e,) = pred.predict([qed(SMILES[2], ensemble="chem-ens")])
@@ -141,9 +169,15 @@ def test_ensemble_is_mean_of_members(pred):
 def test_composition_equals_a_set_holding_those_tags(tiny_llama, sets, pred):
     """Composing chem2's <SMILES> with chem's <QED> = a tag set that holds exactly those two tags."""
     chem, chem2 = sets["chem"], sets["chem2"]
-    mix = TagSet({"<SMILES>": chem2.tags["<SMILES>"], "<QED>": chem.tags["<QED>"]}, {"<QED>": chem.heads["<QED>"]},
-                 {t: chem.tag_info[t] for t in ("<SMILES>", "<QED>")}, {"<QED>": chem.head_specs["<QED>"]},
-                 chem.base, tasks={"qed": chem.tasks["qed"]}, head_stats={"<QED>": chem.head_stats["<QED>"]})
+    mix = TagSet(
+        {"<SMILES>": chem2.tags["<SMILES>"], "<QED>": chem.tags["<QED>"]},
+        {"<QED>": chem.heads["<QED>"]},
+        {t: chem.tag_info[t] for t in ("<SMILES>", "<QED>")},
+        {"<QED>": chem.head_specs["<QED>"]},
+        chem.base,
+        tasks={"qed": chem.tasks["qed"]},
+        head_stats={"<QED>": chem.head_stats["<QED>"]},
+    )
     want = Predictor(tiny_llama, {"mix": mix}).predict([qed(SMILES[1])])[0]["prediction"]
     (got,) = pred.predict([qed(SMILES[1], tagset="chem", compose={"<SMILES>": "chem2"})])
     assert got["composition"]["chem"] == {"<SMILES>": "chem2/<SMILES>", "<QED>": "chem/<QED>"}
@@ -166,12 +200,18 @@ def test_generate_matches_offline_and_composes_zero_shot(tiny_llama, sets, pred)
     from tagray.stage import generate_text
 
     lang = sets["lang"]
-    rows = [{"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour le monde"},  # a pair never trained together
-            {"src_lang": "EN", "tgt_lang": "ES", "src": "Save changes"}]
+    rows = [
+        {"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour le monde"},  # a pair never trained together
+        {"src_lang": "EN", "tgt_lang": "ES", "src": "Save changes"},
+    ]
     spec = load_task("translate")
     model = TagLLM(tiny_llama.model, TagBank(lang.tags)).eval()
-    want = [generate_text(model, None, spec, [{**r, "tgt": ""}], "cpu", tokenizer=tiny_llama.tokenizer,
-                          max_new_tokens=8)[0] for r in rows]
+    want = [
+        generate_text(
+            model, None, spec, [{**r, "tgt": ""}], "cpu", tokenizer=tiny_llama.tokenizer, max_new_tokens=8
+        )[0]
+        for r in rows
+    ]
     reqs = [{"tag": "<Translate>", "inputs": r, "max_new_tokens": 8} for r in rows]
     got = pred.generate(reqs)
     assert [g["text"] for g in got] == want
@@ -181,34 +221,54 @@ def test_generate_matches_offline_and_composes_zero_shot(tiny_llama, sets, pred)
 
 
 def gen(src_lang: str, tgt_lang: str) -> dict:
-    return {"tag": "<Translate>", "inputs": {"src_lang": src_lang, "tgt_lang": tgt_lang, "src": "hi"},
-            "_generate": True}
+    return {
+        "tag": "<Translate>",
+        "inputs": {"src_lang": src_lang, "tgt_lang": tgt_lang, "src": "hi"},
+        "_generate": True,
+    }
 
 
-@pytest.mark.parametrize("req, err, field", [
-    (qed("C1CC"), InputError, "inputs.smiles"),  # unclosed ring: invalid SMILES
-    ({"tag": "<AMP>", "inputs": {"seq": "MKTXZ"}}, InputError, "inputs.seq"),  # not amino acids
-    (qed("CCO", tagset="nope"), UnknownTagError, "tagset"),
-    (qed("CCO", ensemble="nope"), UnknownTagError, "ensemble"),
-    ({"tag": "<Nope>", "inputs": {"smiles": "CCO"}}, UnknownTagError, "tag"),
-    ({"task": "nope", "inputs": {"smiles": "CCO"}}, UnknownTagError, "task"),
-    (qed("CCO", compose={"<SMILES>": "chem/<QED>"}), InputError, "compose.<SMILES>"),  # function tag as domain
-    (qed("CCO", compose={"<SMILES>": "prot/<Protein>", "<Foo>": "chem"}), InputError, "compose.<Foo>"),
-    (qed("CCO", compose={"<SMILES>": "lang/<XX>"}), UnknownTagError, "compose.<SMILES>"),
-    (gen("Translate", "FR"), InputError, "inputs.src_lang"),  # a function tag in a domain slot
-    (gen("PT", "FR"), UnknownTagError, "inputs.src_lang"),  # no such language tag
-    (gen("FR", "a b"), InputError, "inputs.tgt_lang"),
-    (qed("C" * 400), InputError, "inputs.smiles"),  # over the task's max_length tokens
-    (qed("C" * 20_000), InputError, "inputs.smiles"),  # over MAX_CHARS
-    ({"tag": "<QED>", "inputs": {}}, InputError, "inputs.smiles"),
-    ({"tag": "<QED>", "inputs": {"smiles": "CCO", "qed": "0.5"}}, InputError, "inputs.qed"),
-    ({"tag": "<QED>", "inputs": {"smiles": 5}}, InputError, "inputs.smiles"),
-    ({"inputs": {"smiles": "CCO"}}, InputError, "tag"),
-    ({"tag": "<QED>", "inputs": {"smiles": "CCO"}, "bogus": 1}, InputError, "bogus"),
-    (qed("CCO", tagset="chem", ensemble="chem-ens"), InputError, "ensemble"),
-    ({"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "EN", "src": "x"}}, InputError, "task"),
-    ({"tag": "not a tag!", "inputs": {}}, InputError, "tag"),
-])
+@pytest.mark.parametrize(
+    "req, err, field",
+    [
+        (qed("C1CC"), InputError, "inputs.smiles"),  # unclosed ring: invalid SMILES
+        ({"tag": "<AMP>", "inputs": {"seq": "MKTXZ"}}, InputError, "inputs.seq"),  # not amino acids
+        (qed("CCO", tagset="nope"), UnknownTagError, "tagset"),
+        (qed("CCO", ensemble="nope"), UnknownTagError, "ensemble"),
+        ({"tag": "<Nope>", "inputs": {"smiles": "CCO"}}, UnknownTagError, "tag"),
+        ({"task": "nope", "inputs": {"smiles": "CCO"}}, UnknownTagError, "task"),
+        (
+            qed("CCO", compose={"<SMILES>": "chem/<QED>"}),
+            InputError,
+            "compose.<SMILES>",
+        ),  # function tag as domain
+        (qed("CCO", compose={"<SMILES>": "prot/<Protein>", "<Foo>": "chem"}), InputError, "compose.<Foo>"),
+        (qed("CCO", compose={"<SMILES>": "lang/<XX>"}), UnknownTagError, "compose.<SMILES>"),
+        (gen("Translate", "FR"), InputError, "inputs.src_lang"),  # a function tag in a domain slot
+        (gen("PT", "FR"), UnknownTagError, "inputs.src_lang"),  # no such language tag
+        (gen("FR", "a b"), InputError, "inputs.tgt_lang"),
+        (qed("C" * 400), InputError, "inputs.smiles"),  # over the task's max_length tokens
+        (qed("C" * 20_000), InputError, "inputs.smiles"),  # over MAX_CHARS
+        ({"tag": "<QED>", "inputs": {}}, InputError, "inputs.smiles"),
+        ({"tag": "<QED>", "inputs": {"smiles": "CCO", "qed": "0.5"}}, InputError, "inputs.qed"),
+        ({"tag": "<QED>", "inputs": {"smiles": 5}}, InputError, "inputs.smiles"),
+        ({"inputs": {"smiles": "CCO"}}, InputError, "tag"),
+        (qed("C\ud800C"), InputError, "inputs.smiles"),  # a lone surrogate (JSON can carry one)
+        (
+            {**gen("FR", "DE"), "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "a\ud800"}},
+            InputError,
+            "inputs.src",
+        ),
+        ({"tag": "<QED>", "inputs": {"smiles": "CCO"}, "bogus": 1}, InputError, "bogus"),
+        (qed("CCO", tagset="chem", ensemble="chem-ens"), InputError, "ensemble"),
+        (
+            {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "EN", "src": "x"}},
+            InputError,
+            "task",
+        ),
+        ({"tag": "not a tag!", "inputs": {}}, InputError, "tag"),
+    ],
+)
 def test_bad_requests_name_the_field(pred, req, err, field):
     with pytest.raises(err) as e:
         if req.pop("_generate", False):
@@ -223,9 +283,17 @@ def test_errors_are_per_request_when_asked(pred):
     out = pred.predict([qed("CCO"), qed("C1CC"), qed("CCN")], return_errors=True)
     assert isinstance(out[1], InputError) and out[1].field == "inputs.smiles"
     assert out[0]["prediction"] != out[2]["prediction"]
-    g = pred.generate([{"tag": "<QED>", "inputs": {"smiles": "CCO"}},
-                       {"tag": "<Translate>", "inputs": {"src_lang": "EN", "tgt_lang": "FR", "src": "Hi"},
-                        "max_new_tokens": 0}], return_errors=True)
+    g = pred.generate(
+        [
+            {"tag": "<QED>", "inputs": {"smiles": "CCO"}},
+            {
+                "tag": "<Translate>",
+                "inputs": {"src_lang": "EN", "tgt_lang": "FR", "src": "Hi"},
+                "max_new_tokens": 0,
+            },
+        ],
+        return_errors=True,
+    )
     assert g[0].field == "task" and g[1].field == "max_new_tokens"
 
 
@@ -243,11 +311,17 @@ def test_other_base(tiny_llama, tiny_gpt2, sets, tmp_path):
     publish_ensemble(reg, "both", ["chem", "gpt"])
     p = Predictor.from_registry(tiny_llama, reg)
     assert p.predict([qed("CCO")])[0]["tagset"] == "chem"
-    for req, field in ((qed("CCO", tagset="gpt"), "tagset"), (qed("CCO", ensemble="both"), "ensemble"),
-                       (qed("CCO", compose={"<SMILES>": "gpt"}), "compose.<SMILES>")):
+    for req, field in (
+        (qed("CCO", tagset="gpt"), "tagset"),
+        (qed("CCO", ensemble="both"), "ensemble"),
+        (qed("CCO", compose={"<SMILES>": "gpt"}), "compose.<SMILES>"),
+    ):
         with pytest.raises(FingerprintMismatch) as e:
             p.predict([req])
         assert e.value.field == field and e.value.status == 409
+    with pytest.raises(ConfigError) as e:
+        Predictor.from_registry(tiny_llama, str(tmp_path / "nope"))
+    assert e.value.field == "registry"
     d = p.describe()
     assert d["tagsets"] == ["chem"] and d["rejected"]["gpt"]["error"] == "FingerprintMismatch"
     assert d["ensembles"] == {"both": {"members": ["chem", "gpt"]}}
@@ -257,10 +331,13 @@ def test_catalogue(pred, sets):
     cat = {r["id"]: r for r in pred.catalogue()}
     q = cat["chem/<QED>"]
     assert q["kind"] == "function" and q["length"] == 3 and q["stage"] == "s1" and q["tasks"] == ["qed"]
-    assert q["metrics"] == {"qed": {"test": {"mse": 0.01}, "stage": "s1"}} and q["head"]["kind"] == "regression"
+    assert (
+        q["metrics"] == {"qed": {"test": {"mse": 0.01}, "stage": "s1"}} and q["head"]["kind"] == "regression"
+    )
     assert q["base"].startswith("llama-d32-L2")
     assert cat["chem/<SMILES>"]["kind"] == "domain" and set(cat["chem/<SMILES>"]["tasks"]) == {"qed", "logp"}
-    assert cat["lang/<FR>"]["kind"] == "domain"
+    assert cat["lang/<FR>"]["kind"] == "domain" and cat["lang/<FR>"]["tasks"] == ["translate"]
+    assert cat["lang/<Translate>"]["tasks"] == ["translate"]
     assert len(cat) == sum(len(s.tags) for s in sets.values())
 
 
@@ -268,9 +345,12 @@ def test_saved_and_reloaded_sets_predict_the_same(tiny_llama, sets, pred, tmp_pa
     from tagray.core.artifacts import load_tagset
 
     save_tagset(sets["chem"], str(tmp_path / "chem"))
-    p = Predictor(tiny_llama, {"chem": load_tagset(str(tmp_path / "chem"), expect_base=tiny_llama.fingerprint)})
+    p = Predictor(
+        tiny_llama, {"chem": load_tagset(str(tmp_path / "chem"), expect_base=tiny_llama.fingerprint)}
+    )
     assert p.predict([qed(SMILES[3])])[0]["prediction"] == pytest.approx(
-        pred.predict([qed(SMILES[3], tagset="chem")])[0]["prediction"], abs=1e-6)
+        pred.predict([qed(SMILES[3], tagset="chem")])[0]["prediction"], abs=1e-6
+    )
 
 
 def test_bf16_shared_base(tiny_llama, sets, pred):
@@ -284,6 +364,15 @@ def test_bf16_shared_base(tiny_llama, sets, pred):
         assert g["prediction"] == pytest.approx(w["prediction"], abs=0.05)
 
 
+def test_stale_ensemble_is_refused_per_request(tiny_llama, sets):
+    p = Predictor(tiny_llama, {"chem": sets["chem"]}, {"ok": ["chem"], "stale": ["chem", "gone"]})
+    assert p.predict([qed("CCO", ensemble="ok")])[0]["ensemble"] == "ok"
+    with pytest.raises(UnknownTagError) as e:
+        p.predict([qed("CCO", ensemble="stale")])
+    assert e.value.field == "ensemble" and "gone" in e.value.message
+    assert p.describe()["rejected"]["stale"]["error"] == "UnknownTagError"
+
+
 def test_empty_predictor(tiny_llama):
     p = Predictor(tiny_llama, {})
     assert p.catalogue() == []
@@ -291,4 +380,3 @@ def test_empty_predictor(tiny_llama):
         p.predict([qed("CCO")])
     out = p.predict([qed("CCO")], return_errors=True)
     assert isinstance(out[0], TagrayError)
-

@@ -20,10 +20,14 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_predict import PEPTIDES, SMILES, random_tagset, same
 
 from tagray.predict import Predictor
 from tagray.registry import publish_ensemble, publish_tagset
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from tests.test_predict import PEPTIDES, SMILES, random_tagset, same
+except ImportError:
+    from test_predict import PEPTIDES, SMILES, random_tagset, same
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "test-token-123"
@@ -39,8 +43,11 @@ def registry(tiny_llama, tiny_gpt2, tmp_path_factory):
     publish_tagset(reg, "chem", random_tagset(tiny_llama, ["qed", "logp"], seed=1))
     publish_tagset(reg, "chem2", random_tagset(tiny_llama, ["qed", "logp"], seed=2))
     publish_tagset(reg, "prot", random_tagset(tiny_llama, ["amp", "descriptor"], seed=3))
-    publish_tagset(reg, "lang", random_tagset(tiny_llama, ["translate"], seed=4,
-                                              extra_tags=["<EN>", "<FR>", "<DE>", "<ES>"]))
+    publish_tagset(
+        reg,
+        "lang",
+        random_tagset(tiny_llama, ["translate"], seed=4, extra_tags=["<EN>", "<FR>", "<DE>", "<ES>"]),
+    )
     publish_tagset(reg, "gpt", random_tagset(tiny_gpt2, ["qed"], seed=5))  # another base: refused (409)
     publish_ensemble(reg, "chem-ens", ["chem", "chem2"])
     publish_ensemble(reg, "mixed-base", ["chem", "gpt"])
@@ -53,9 +60,13 @@ def offline(tiny_llama, registry):
 
 
 def app_config(name: str, registry: str, base: str, route_prefix: str, **args) -> dict:
-    return {"name": name, "route_prefix": route_prefix, "import_path": "tagray.ray.serve:build_app",
-            "args": {"registry": registry, "base": base, "dtype": "float32", "replicas": 2, "cpus": 0.5, **args},
-            "deployments": [{"name": "TagModel", "user_config": {"registry": registry, "max_batch_size": 32}}]}
+    return {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": "tagray.ray.serve:build_app",
+        "args": {"registry": registry, "base": base, "dtype": "float32", "replicas": 2, "cpus": 0.5, **args},
+        "deployments": [{"name": "TagModel", "user_config": {"registry": registry, "max_batch_size": 32}}],
+    }
 
 
 def deploy(apps: list[dict], timeout_s: float = 240) -> None:
@@ -81,8 +92,17 @@ def deploy(apps: list[dict], timeout_s: float = 240) -> None:
 def server(ray_local, registry, tiny_base_dir):
     from ray import serve
 
-    from tagray.ray.shared import release_base
+    from tagray.ray.shared import NAMESPACE, owner_name, release_base
 
+    def exists(name: str, dtype: str) -> bool:
+        try:
+            ray_local.get_actor(owner_name(name, dtype), namespace=NAMESPACE)
+            return True
+        except ValueError:
+            return False
+
+    owners = [(tiny_base_dir, "float32"), ("smollm2-135m", "float32")]
+    ours = [o for o in owners if not exists(*o)]  # leave owners other test modules created alone
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = app_config(APP, registry, tiny_base_dir, "/", token=TOKEN)
@@ -92,8 +112,8 @@ def server(ray_local, registry, tiny_base_dir):
     state = {"url": f"http://127.0.0.1:{port}", "apps": [cfg], "port": port}
     yield state
     serve.shutdown()
-    release_base(tiny_base_dir, "float32")
-    release_base("smollm2-135m", "float32")
+    for name, dtype in ours:
+        release_base(name, dtype)
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +146,15 @@ def qed(smiles: str, **kw) -> dict:
     return {"tag": "<QED>", "inputs": {"smiles": smiles}, **kw}
 
 
-MIXED = [qed(SMILES[0]), qed(SMILES[1], tagset="chem2"), qed(SMILES[2], ensemble="chem-ens"),
-         {"task": "logp", "inputs": {"smiles": SMILES[3]}, "compose": {"<SMILES>": "chem2"}},
-         qed(SMILES[3], tagset="chem", compose={"<SMILES>": "chem2/<SMILES>"}),
-         {"tag": "<AMP>", "inputs": {"seq": PEPTIDES[0]}},
-         {"tag": "<Descriptor>", "tagset": "prot", "inputs": {"seq": PEPTIDES[1]}}]
+MIXED = [
+    qed(SMILES[0]),
+    qed(SMILES[1], tagset="chem2"),
+    qed(SMILES[2], ensemble="chem-ens"),
+    {"task": "logp", "inputs": {"smiles": SMILES[3]}, "compose": {"<SMILES>": "chem2"}},
+    qed(SMILES[3], tagset="chem", compose={"<SMILES>": "chem2/<SMILES>"}),
+    {"tag": "<AMP>", "inputs": {"seq": PEPTIDES[0]}},
+    {"tag": "<Descriptor>", "tagset": "prot", "inputs": {"seq": PEPTIDES[1]}},
+]
 
 
 async def load(url: str, bodies: list[tuple[str, dict]], concurrency: int, on_start=None) -> dict:
@@ -140,8 +164,9 @@ async def load(url: str, bodies: list[tuple[str, dict]], concurrency: int, on_st
     lat, status, out = [0.0] * len(bodies), [0] * len(bodies), [None] * len(bodies)
     retries = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
-                                 headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=120, limits=limits, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as c:
 
         async def one(i: int, path: str, body: dict) -> None:
             nonlocal retries
@@ -196,9 +221,18 @@ def test_served_equals_offline(client, offline):
         assert same(r.json(), offline.predict([req])[0]), (req, r.json())
     e = client.post("/v1/predict", json=qed(SMILES[2], ensemble="chem-ens")).json()
     assert e["prediction"] == pytest.approx(statistics.mean(e["members"].values()), abs=1e-9)
-    gen = [{"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour"},
-            "max_new_tokens": 6},
-           {"task": "translate", "tagset": "lang", "inputs": {"src_lang": "EN", "tgt_lang": "ES", "src": "Save"}}]
+    gen = [
+        {
+            "tag": "<Translate>",
+            "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour"},
+            "max_new_tokens": 6,
+        },
+        {
+            "task": "translate",
+            "tagset": "lang",
+            "inputs": {"src_lang": "EN", "tgt_lang": "ES", "src": "Save"},
+        },
+    ]
     for req in gen:
         r = client.post("/v1/generate", json=req)
         assert r.status_code == 200, r.text
@@ -242,29 +276,67 @@ BAD = [  # (path, json or raw bytes, status, field)
     ("/v1/predict", qed("CCO", ensemble="nope"), 404, "ensemble"),
     ("/v1/predict", qed("CCO", tagset="nope"), 404, "tagset"),
     ("/v1/predict", qed("CCO", compose={"<SMILES>": "chem/<QED>"}), 422, "compose.<SMILES>"),  # wrong kind
-    ("/v1/generate", {"tag": "<Translate>", "inputs": {"src_lang": "Translate", "tgt_lang": "FR", "src": "x"}},
-     422, "inputs.src_lang"),  # a function tag in a domain slot
-    ("/v1/generate", {"tag": "<Translate>", "inputs": {"src_lang": "PT", "tgt_lang": "FR", "src": "x"}},
-     404, "inputs.src_lang"),
+    (
+        "/v1/generate",
+        {"tag": "<Translate>", "inputs": {"src_lang": "Translate", "tgt_lang": "FR", "src": "x"}},
+        422,
+        "inputs.src_lang",
+    ),  # a function tag in a domain slot
+    (
+        "/v1/generate",
+        {"tag": "<Translate>", "inputs": {"src_lang": "PT", "tgt_lang": "FR", "src": "x"}},
+        404,
+        "inputs.src_lang",
+    ),
     ("/v1/predict", qed("CCO", tagset="gpt"), 409, "tagset"),  # tags of another base
     ("/v1/predict", qed("CCO", ensemble="mixed-base"), 409, "ensemble"),
     ("/v1/predict", qed("CCO", compose={"<SMILES>": "gpt"}), 409, "compose.<SMILES>"),
     ("/v1/predict", qed("C" * 400), 422, "inputs.smiles"),  # over the task's max_length tokens
     ("/v1/predict", qed("C" * 10_001), 422, "inputs.smiles"),  # over the schema's character limit
-    ("/v1/generate", {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x " * 300}},
-     422, "inputs.src"),
+    (
+        "/v1/generate",
+        {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x " * 300}},
+        422,
+        "inputs.src",
+    ),
     ("/v1/predict", b'{"tag": "<QED>", "inputs": {"smiles": "CCO"', 422, "body"),  # malformed JSON
     ("/v1/predict", b"[" * 3000 + b"]" * 3000, 400, "body"),  # nested too deep for the JSON parser
     ("/v1/predict", b"x" * 300_000, 413, "body"),
+    (
+        "/v1/predict",
+        b'{"tag": "<QED>", "inputs": {"smiles": "C\\ud800C"}}',
+        422,
+        "inputs.smiles",
+    ),  # lone surrogate
+    (
+        "/v1/generate",
+        b'{"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "\\udfff"}}',
+        422,
+        "inputs.src",
+    ),
     ("/v1/predict", {"tag": "<QED>", "inputs": {"smiles": 5}}, 422, "inputs.smiles"),
     ("/v1/predict", {"tag": "<QED>", "inputs": {"smiles": "CCO"}, "extra": 1}, 422, "extra"),
     ("/v1/predict", {"tag": "<QED>"}, 422, "inputs"),
     ("/v1/predict", [1, 2], 422, "body"),
+    ("/v1/predict", b'{"tag": "<QED>", "inputs": {"smiles": "CCO"}, "\\ud800": 1}', 422, "\\ud800"),
+    ("/v1/predict", b'{"tag": "<QED>", "inputs": {"\\ud800": "CCO"}}', 422, "inputs"),
     ("/v1/predict", {"inputs": {"smiles": "CCO"}}, 422, "tag"),
-    ("/v1/predict", {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x"}}, 422,
-     "task"),  # a generation task on the predict route
-    ("/v1/generate", {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x"},
-                      "max_new_tokens": 10_000}, 422, "max_new_tokens"),
+    (
+        "/v1/predict",
+        {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x"}},
+        422,
+        "task",
+    ),  # a generation task on the predict route
+    (
+        "/v1/generate",
+        {
+            "tag": "<Translate>",
+            "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x"},
+            "max_new_tokens": 10_000,
+        },
+        422,
+        "max_new_tokens",
+    ),
     ("/v1/nope", {}, 404, "path"),
 ]
 
@@ -289,18 +361,36 @@ def test_auth(client):
     assert httpx.get(url + "/v1/tags").status_code == 401
 
 
-JSONV = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                     max_leaves=12)
-TAGS = st.sampled_from(["<QED>", "<LogP>", "<AMP>", "<Descriptor>", "<Translate>", "QED", "<SMILES>", "<>", ""])
+# text with lone surrogates too: JSON can carry them ("\ud800"), Python keeps them, UTF-8 cannot encode them
+TEXT = st.text(max_size=20) | st.text(st.characters(categories=["Cs", "Ll", "Nd", "Po"]), max_size=8)
+JSONV = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | TEXT,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(TEXT, c, max_size=4),
+    max_leaves=12,
+)
+TAGS = st.sampled_from(
+    ["<QED>", "<LogP>", "<AMP>", "<Descriptor>", "<Translate>", "QED", "<SMILES>", "<>", ""]
+)
 FIELDS = st.sampled_from(["smiles", "seq", "src", "src_lang", "tgt_lang", "qed", ""])
 NAMES = st.sampled_from(["chem", "chem2", "prot", "lang", "gpt", "chem-ens", "mixed-base", "x/y", ""])
 NEAR = st.fixed_dictionaries(
-    {"inputs": st.dictionaries(FIELDS, st.sampled_from(SMILES + PEPTIDES + ["FR", "DE", "", "C1CC", "Translate"])
-                               | st.text(max_size=30), max_size=4)},
-    optional={"tag": TAGS | st.text(max_size=10), "task": st.sampled_from(["qed", "amp", "translate", "x"]),
-              "tagset": NAMES, "ensemble": NAMES, "max_new_tokens": st.integers(-2, 8),
-              "compose": st.dictionaries(TAGS, NAMES | st.text(max_size=12), max_size=3), "junk": JSONV})
+    {
+        "inputs": st.dictionaries(
+            FIELDS,
+            st.sampled_from(SMILES + PEPTIDES + ["FR", "DE", "", "C1CC", "Translate"]) | TEXT,
+            max_size=4,
+        )
+    },
+    optional={
+        "tag": TAGS | TEXT,
+        "task": st.sampled_from(["qed", "amp", "translate", "x"]),
+        "tagset": NAMES,
+        "ensemble": NAMES,
+        "max_new_tokens": st.integers(-2, 8),
+        "compose": st.dictionaries(TAGS | TEXT, NAMES | TEXT, max_size=3),
+        "junk": JSONV,
+    },
+)
 
 
 def check_4xx_or_ok(r: httpx.Response) -> None:
@@ -310,15 +400,20 @@ def check_4xx_or_ok(r: httpx.Response) -> None:
         assert isinstance(j["field"], str) and j["error"] and isinstance(j["message"], str)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=NEAR | JSONV, route=st.sampled_from(["/v1/predict", "/v1/generate"]))
 def test_fuzz_json_bodies_never_5xx(client, body, route):
-    check_4xx_or_ok(client.post(route, json=body))
+    # json.dumps escapes surrogates as \udXXX (httpx's json= would fail to encode them client-side)
+    check_4xx_or_ok(
+        client.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    )
 
 
-@settings(max_examples=60, deadline=None)
-@given(raw=st.binary(max_size=64) | st.text(max_size=64).map(str.encode),
-       ctype=st.sampled_from(["application/json", "text/plain", ""]))
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    raw=st.binary(max_size=64) | st.text(max_size=64).map(str.encode),
+    ctype=st.sampled_from(["application/json", "text/plain", ""]),
+)
 def test_fuzz_raw_bodies_never_5xx(client, raw, ctype):
     check_4xx_or_ok(client.post("/v1/predict", content=raw, headers={"content-type": ctype} if ctype else {}))
 
@@ -338,7 +433,59 @@ def test_reconfigure_reloads_registry_in_place(server, client, registry, tiny_ll
     assert {m["pid"] for m in replicas().values()} == pids  # reloaded in place, not restarted
     r = client.post("/v1/predict", json=qed("CCO", tagset="chem3"))
     assert r.status_code == 200 and r.json()["tagset"] == "chem3"
+    # a reload that fails keeps serving the previous registry and says why in /healthz
+    bad = json.loads(json.dumps(cfg))
+    bad["deployments"][0]["user_config"]["registry"] = str(tmp_path / "missing")
+    deploy([bad])
+    deadline = time.time() + 60
+    while not client.get("/healthz").json()["registry_error"] and time.time() < deadline:
+        time.sleep(0.5)
+    h = client.get("/healthz").json()
+    assert "missing is not a folder" in h["registry_error"] and h["registry"] == reg2
+    assert client.post("/v1/predict", json=qed("CCO", tagset="chem3")).status_code == 200
+    deploy([cfg])
     server["apps"] = [cfg]
+
+
+def test_jobs_serve_yaml_is_a_valid_serve_config():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tagray.ray.serve import USER_CONFIG_KEYS, AppArgs
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "serve.yaml"
+    text = path.read_text()
+    assert (
+        text.startswith("#")
+        and "serve deploy jobs/serve.yaml" in text
+        and "serve run jobs/serve.yaml" in text
+    )
+    cfg = ServeDeploySchema(**yaml.safe_load(text))
+    (app,) = cfg.applications
+    assert app.import_path == "tagray.ray.serve:build_app" and cfg.http_options.host == "127.0.0.1"
+    AppArgs.model_validate(app.args)
+    model = next(d for d in app.deployments if d.name == "TagModel")
+    assert set(model.user_config) <= USER_CONFIG_KEYS and "registry" in model.user_config
+
+
+def test_cli_parser():
+    import argparse
+
+    from tagray.ray.serve import add_cli, cmd_serve
+
+    parser = argparse.ArgumentParser(prog="tagray")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["serve", "--registry", "s3://b/reg", "--replicas", "2", "--token", "t"])
+    assert (a.registry, a.host, a.port, a.replicas, a.token, a.func) == (
+        "s3://b/reg",
+        "127.0.0.1",
+        8000,
+        2,
+        "t",
+        cmd_serve,
+    )
 
 
 def test_load_1000_requests_concurrency_32(server):
@@ -348,18 +495,24 @@ def test_load_1000_requests_concurrency_32(server):
     wall = time.perf_counter() - t
     errors = [s for s in res["status"] if s != 200]
     lat = res["latency"]
-    print(f"\n1000 requests, concurrency 32: {1000 / wall:.0f} req/s, p50 {pct(lat, 0.5) * 1e3:.0f} ms, "
-          f"p99 {pct(lat, 0.99) * 1e3:.0f} ms, {len(errors)} errors, {res['retries']} retries")
+    print(
+        f"\n1000 requests, concurrency 32: {1000 / wall:.0f} req/s, p50 {pct(lat, 0.5) * 1e3:.0f} ms, "
+        f"p99 {pct(lat, 0.99) * 1e3:.0f} ms, {len(errors)} errors, {res['retries']} retries"
+    )
     assert not errors and res["retries"] == 0
 
 
 def test_replica_killed_during_load_loses_no_request(server):
     import ray
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP}#TagModel#")]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP}#TagModel#")
+    ]
     assert len(names) == 2
     victim = ray.get_actor(names[0], namespace="serve")
+    retried = httpx.get(server["url"] + "/healthz").json()["ingress_retries"]
     killed = threading.Event()
 
     async def kill_soon():
@@ -370,12 +523,25 @@ def test_replica_killed_during_load_loses_no_request(server):
 
         asyncio.get_running_loop().create_task(later())
 
-    bodies = [("/v1/predict", MIXED[i % len(MIXED)]) for i in range(400)]
+    # a quarter are generations (tens of ms each), so some requests are surely executing on the victim
+    gen = {
+        "tag": "<Translate>",
+        "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour"},
+        "max_new_tokens": 48,
+    }
+    bodies = [
+        ("/v1/generate", gen) if i % 4 == 0 else ("/v1/predict", MIXED[i % len(MIXED)]) for i in range(400)
+    ]
     res = asyncio.run(load(server["url"], bodies, concurrency=32, on_start=kill_soon))
     assert killed.is_set()
     bad = [(s, b) for s, b in zip(res["status"], res["bodies"], strict=True) if s != 200]
-    print(f"\nreplica killed under load: {len(bodies)} requests, {len(bad)} lost, {res['retries']} client retries")
+    retried = httpx.get(server["url"] + "/healthz").json()["ingress_retries"] - retried
+    print(
+        f"\nreplica killed under load: {len(bodies)} requests, {len(bad)} lost, {retried} retried by the "
+        f"ingress, {res['retries']} by the client"
+    )
     assert not bad, bad[:3]
+    assert retried + res["retries"] > 0  # requests really were in flight on the killed replica
     deploy(server["apps"])  # Serve replaces the replica; wait for it before later tests
 
 
@@ -391,8 +557,9 @@ def test_smollm2_replicas_share_the_base(server, smollm2, tmp_path):
     print(f"\nSmolLM2 app (2 replicas) up in {time.time() - t0:.1f}s")
     try:
         offline = Predictor.from_registry(smollm2, reg)
-        with httpx.Client(base_url=server["url"] + "/real", timeout=120,
-                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        with httpx.Client(
+            base_url=server["url"] + "/real", timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as c:
             for req in (qed(SMILES[2], ensemble="ens"), qed(SMILES[0], compose={"<SMILES>": "chem2"})):
                 r = c.post("/v1/predict", json=req)
                 assert r.status_code == 200, r.text
@@ -403,9 +570,11 @@ def test_smollm2_replicas_share_the_base(server, smollm2, tmp_path):
             base, w = m["base_bytes"], m["weights_mapping"]
             delta = m["uss_after_base"] - m["uss_before_base"]
             private = (w.get("private_clean_kb", 0) + w.get("private_dirty_kb", 0)) * 1024
-            print(f"replica {m['pid']}: USS {m['uss'] / 2**20:.0f} MiB, +{delta / 2**20:.0f} MiB private when "
-                  f"attaching a {base / 2**20:.0f} MiB base; weights in {w.get('path')}: "
-                  f"{w.get('rss_kb', 0) / 1024:.0f} MiB resident, {private / 2**20:.1f} MiB private")
+            print(
+                f"replica {m['pid']}: USS {m['uss'] / 2**20:.0f} MiB, +{delta / 2**20:.0f} MiB private when "
+                f"attaching a {base / 2**20:.0f} MiB base; weights in {w.get('path')}: "
+                f"{w.get('rss_kb', 0) / 1024:.0f} MiB resident, {private / 2**20:.1f} MiB private"
+            )
             assert m["dtype"] == "float32" and base > 500 * 2**20
             assert w.get("path", "").startswith(("/dev/shm", "/tmp")) and private < 0.01 * base
             assert delta < 0.35 * base  # tokenizer + model skeleton + imports, no copy of the weights

@@ -40,6 +40,14 @@ log = logging.getLogger("tagray.serve")
 TOKEN_ENV = "TAGRAY_SERVE_TOKEN"
 MAX_CHARS = 10_000  # per input value (tagray.predict.MAX_CHARS)
 MAX_BODY = 256 * 1024  # bytes
+USER_CONFIG_KEYS = {
+    "registry",
+    "version",
+    "max_batch_size",
+    "max_generate_batch_size",
+    "batch_wait_timeout_s",
+    "max_batch_rows",
+}
 RETRYABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 
 # ---- request / response schemas --------------------------------------------------------------------
@@ -59,37 +67,37 @@ class PredictRequest(BaseModel):
     tagset: Name | None = Field(None, description="Tag set to use; default: the first that provides the tag.")
     ensemble: Name | None = Field(None, description="Ensemble of tag sets (mean prediction and spread).")
     inputs: dict[FieldName, Value] = Field(..., max_length=16, description="The task template's fields.")
-    compose: dict[TagName, Name] = Field(default_factory=dict, max_length=16,
-                                         description='Template tag -> "set" or "set/<Tag>" providing it.')
+    compose: dict[TagName, Name] = Field(
+        default_factory=dict, max_length=16, description='Template tag -> "set" or "set/<Tag>" providing it.'
+    )
 
 
 class GenerateRequest(PredictRequest):
     max_new_tokens: int | None = Field(None, ge=1, le=256, description="Default: the task's setting.")
 
 
-class PredictResponse(BaseModel):
+class Answer(BaseModel):
     task: str
     tag: str | None
-    kind: str = Field(description="regression or classification")
+    kind: str = Field(description="regression, classification or lm")
     tagset: str | None
     ensemble: str | None
-    prediction: float | list[float] | str = Field(description="Target units; a class label for classification.")
+    composition: dict[str, dict[str, str]] = Field(description="Per member: template tag -> set/<Tag> used.")
+
+
+class PredictResponse(Answer):
+    prediction: float | list[float] | str = Field(
+        description="Target units; a class label for classification."
+    )
     std: float | list[float] = Field(description="Spread of the ensemble members (0 for one tag set).")
     members: dict[str, float | list[float] | str]
     probabilities: dict[str, float] | None = None
     columns: list[str] | None = None
-    composition: dict[str, dict[str, str]] = Field(description="Per member: template tag -> set/<Tag> used.")
 
 
-class GenerateResponse(BaseModel):
-    task: str
-    tag: str | None
-    kind: str
-    tagset: str | None
-    ensemble: str | None
-    text: str
+class GenerateResponse(Answer):
+    text: str = Field(description="The generation (an ensemble's most common one).")
     members: dict[str, str]
-    composition: dict[str, dict[str, str]]
 
 
 class ErrorBody(BaseModel):
@@ -108,29 +116,53 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 PREDICT_EXAMPLES = {
     "qed": {"summary": "QED of a molecule", "value": {"tag": "<QED>", "inputs": {"smiles": ASPIRIN}}},
-    "ensemble": {"summary": "An ensemble: mean and spread",
-                 "value": {"task": "qed", "ensemble": "qed-top3", "inputs": {"smiles": ASPIRIN}}},
-    "compose": {"summary": "Zero-shot composition: <SMILES> from another tag set",
-                "value": {"tag": "<QED>", "tagset": "stage2", "compose": {"<SMILES>": "stage1"},
-                          "inputs": {"smiles": ASPIRIN}}},
-    "protein": {"summary": "Classification of a peptide",
-                "value": {"tag": "<AMP>", "inputs": {"seq": "GLFDIVKKVVGALGSL"}}},
+    "ensemble": {
+        "summary": "An ensemble: mean and spread",
+        "value": {"task": "qed", "ensemble": "qed-top3", "inputs": {"smiles": ASPIRIN}},
+    },
+    "compose": {
+        "summary": "Zero-shot composition: <SMILES> from another tag set",
+        "value": {
+            "tag": "<QED>",
+            "tagset": "stage2",
+            "compose": {"<SMILES>": "stage1"},
+            "inputs": {"smiles": ASPIRIN},
+        },
+    },
+    "protein": {
+        "summary": "Classification of a peptide",
+        "value": {"tag": "<AMP>", "inputs": {"seq": "GLFDIVKKVVGALGSL"}},
+    },
 }
 GENERATE_EXAMPLES = {
-    "translate": {"summary": "A language pair never trained together",
-                  "value": {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE",
-                                                             "src": "Enregistrer les modifications"}}},
+    "translate": {
+        "summary": "A language pair never trained together",
+        "value": {
+            "tag": "<Translate>",
+            "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "Enregistrer les modifications"},
+        },
+    },
 }
+
+
+def _safe(s: object) -> str:
+    """Text that survives UTF-8 encoding (a JSON body can smuggle lone surrogates into field names)."""
+    return str(s).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error(status: int, err: str, field: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": err, "field": field, "message": message}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": err, "field": _safe(field), "message": _safe(message)}, status_code=status, headers=headers
+    )
 
 
 # ---- ingress ------------------------------------------------------------------------------------------
 
-app = FastAPI(title="tagray", version=__version__,
-              description="Tag-LLM predictions and generations from learned domain and function tags.")
+app = FastAPI(
+    title="tagray",
+    version=__version__,
+    description="Tag-LLM predictions and generations from learned domain and function tags.",
+)
 bearer = HTTPBearer(auto_error=False, description=f"Optional: set with --token or ${TOKEN_ENV}")
 
 
@@ -148,8 +180,13 @@ async def guard(request: Request, call_next):
     if token and request.url.path.startswith("/v1/"):
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return error(401, "Unauthorized", "Authorization", "missing or wrong bearer token",
-                         {"WWW-Authenticate": "Bearer"})
+            return error(
+                401,
+                "Unauthorized",
+                "Authorization",
+                "missing or wrong bearer token",
+                {"WWW-Authenticate": "Bearer"},
+            )
     return await call_next(request)
 
 
@@ -159,10 +196,10 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     errs = exc.errors()
     details = []
     for e in errs[:10]:
-        loc = [str(x) for x in e.get("loc", ())]
+        loc = [_safe(x) for x in e.get("loc", ())]
         loc = loc[1:] if loc[:1] == ["body"] else loc
         field = "body" if e.get("type") == "json_invalid" or not loc else ".".join(loc)
-        details.append({"field": field, "message": str(e.get("msg", "invalid"))})
+        details.append({"field": field, "message": _safe(e.get("msg", "invalid"))})
     first = details[0] if details else {"field": "body", "message": "invalid request"}
     return JSONResponse({"error": "ValidationError", **first, "details": details}, status_code=422)
 
@@ -175,7 +212,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 @app.exception_handler(TagrayError)
 async def tagray_error(request: Request, exc: TagrayError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.status)
+    return error(exc.status, type(exc).__name__, exc.field, exc.message)
 
 
 @serve.deployment(name="TagrayAPI", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
@@ -186,6 +223,7 @@ class TagrayAPI:
     def __init__(self, model, token: str | None = None, retries: int = 5):
         self.model = model  # DeploymentHandle of TagModel
         self.retries = retries
+        self.retried = 0  # calls retried after a replica failure (reported by /healthz)
         self.token = token or os.environ.get(TOKEN_ENV) or None
 
     async def _call(self, method: str, *args: Any, timeout_s: float | None = None):
@@ -198,35 +236,57 @@ class TagrayAPI:
                 break
             except RETRYABLE as e:
                 log.warning("TagModel.%s failed (%s), attempt %d", method, type(e).__name__, attempt + 1)
+                self.retried += 1
                 if attempt == self.retries:
-                    return error(503, "Unavailable", "replica", f"no replica answered ({type(e).__name__}); retry",
-                                 {"Retry-After": "1"})
+                    return error(
+                        503,
+                        "Unavailable",
+                        "replica",
+                        f"no replica answered ({type(e).__name__}); retry",
+                        {"Retry-After": "1"},
+                    )
                 await asyncio.sleep(delay)
                 delay *= 2
             except asyncio.TimeoutError:
                 return error(503, "Unavailable", "replica", "timed out; retry", {"Retry-After": "1"})
         if "status" in out:  # TagModel answers {"result": ...} or {"error": {...}, "status": 4xx}
-            return JSONResponse(out["error"], status_code=out["status"])
+            e = out["error"]
+            return error(out["status"], e["error"], e["field"], e["message"])
         return out["result"]
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, dependencies=[Depends(bearer)],
-              summary="Predict with a function tag (regression / classification)")
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        dependencies=[Depends(bearer)],
+        summary="Predict with a function tag (regression / classification)",
+    )
     async def predict(self, body: Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)]):
         return await self._call("predict", body.model_dump(exclude_none=True))
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, dependencies=[Depends(bearer)],
-              summary="Generate text with tags (e.g. translation)")
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses=ERRORS,
+        dependencies=[Depends(bearer)],
+        summary="Generate text with tags (e.g. translation)",
+    )
     async def generate(self, body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)]):
         return await self._call("generate", body.model_dump(exclude_none=True))
 
-    @app.get("/v1/tags", responses=ERRORS, dependencies=[Depends(bearer)],
-             summary="Tags, tag sets, ensembles and rejected tag sets")
+    @app.get(
+        "/v1/tags",
+        responses=ERRORS,
+        dependencies=[Depends(bearer)],
+        summary="Tags, tag sets, ensembles and rejected tag sets",
+    )
     async def tags(self):
         return await self._call("describe")
 
     @app.get("/healthz", summary="Liveness and registry status (no auth)")
     async def healthz(self):
-        return await self._call("health", timeout_s=10)
+        out = await self._call("health", timeout_s=10)
+        return {**out, "ingress_retries": self.retried} if isinstance(out, dict) else out
 
 
 # ---- model replicas -------------------------------------------------------------------------------
@@ -256,16 +316,22 @@ def _mapping_of(ptr: int) -> dict:
                     inside = lo <= ptr < hi
                     if inside:
                         out = {"path": head[5] if len(head) > 5 else "", "size_kb": (hi - lo) // 1024}
-                elif inside and head[0].rstrip(":") in ("Rss", "Private_Clean", "Private_Dirty",
-                                                        "Shared_Clean", "Shared_Dirty"):
+                elif inside and head[0].rstrip(":") in (
+                    "Rss",
+                    "Private_Clean",
+                    "Private_Dirty",
+                    "Shared_Clean",
+                    "Shared_Dirty",
+                ):
                     out[head[0].rstrip(":").lower() + "_kb"] = int(head[1])
     except OSError:  # not Linux
         pass
     return out
 
 
-@serve.deployment(name="TagModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
-                  health_check_period_s=10)
+@serve.deployment(
+    name="TagModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, health_check_period_s=10
+)
 class TagModel:
     """One shared frozen base + every tag of the registry; batched predict / generate.
 
@@ -284,12 +350,15 @@ class TagModel:
         self.uss_before_base = _uss()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))  # do not oversubscribe the cores other replicas use
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES for GPU replicas
+        device = (
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )  # Ray sets CUDA_VISIBLE_DEVICES for GPU replicas
         self.base = attach_base(base_info(base, dtype), device)
         self.uss_after_base = _uss()
         self.predictor = None
         self.registry: str | None = None
         self.registry_error: str | None = None
+        self.version = None
         self.loaded_at = 0.0
 
     def reconfigure(self, config: dict) -> None:
@@ -298,21 +367,33 @@ class TagModel:
         A failed reload keeps serving the previous registry and reports the error in ``/healthz``; only a
         replica without any registry fails (so a bad first deploy is visible at once).
         """
+        from ..core.errors import ConfigError
         from ..predict import Predictor
 
-        registry = (config or {}).get("registry")
+        config = dict(config or {})
+        registry = config.get("registry")
         try:
+            unknown = sorted(set(config) - USER_CONFIG_KEYS)
+            if unknown:
+                raise ConfigError(
+                    f"user_config.{unknown[0]}", f"unknown key; allowed: {sorted(USER_CONFIG_KEYS)}"
+                )
             if not registry:
-                raise TagrayError("registry", "user_config.registry is required")
-            pred = Predictor.from_registry(self.base, registry,
-                                           max_batch_rows=int(config.get("max_batch_rows", 64)))
+                raise ConfigError(
+                    "registry",
+                    "no registry: give args.registry or the TagModel deployment's user_config.registry",
+                )
+            pred = Predictor.from_registry(
+                self.base, registry, max_batch_rows=int(config.get("max_batch_rows", 64))
+            )
         except Exception as e:
-            if self.predictor is None:
-                raise
+            if self.predictor is None:  # plain RuntimeError: TagrayError subclasses do not unpickle
+                raise RuntimeError(f"cannot load the tag registry: {type(e).__name__}: {e}") from None
             self.registry_error = f"{type(e).__name__}: {e}"
             log.error("reload of %s failed, still serving %s: %s", registry, self.registry, e)
             return
         self.predictor, self.registry, self.registry_error = pred, registry, None
+        self.version = config.get("version")
         self.loaded_at = time.time()
         self.predict.set_max_batch_size(int(config.get("max_batch_size", 32)))
         self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
@@ -324,8 +405,10 @@ class TagModel:
         if isinstance(out, TagrayError):
             return {"error": out.to_dict(), "status": out.status}
         if isinstance(out, Exception):
-            return {"error": {"error": "InternalError", "field": "", "message": f"{type(out).__name__}: {out}"},
-                    "status": 500}
+            return {
+                "error": {"error": "InternalError", "field": "", "message": f"{type(out).__name__}: {out}"},
+                "status": 500,
+            }
         return {"result": out}
 
     def _run(self, method: str, reqs: list[dict]) -> list[dict]:
@@ -356,9 +439,19 @@ class TagModel:
 
     def health(self) -> dict:
         p = self.predictor
-        return {"result": {"status": "ok", "registry": self.registry, "registry_error": self.registry_error,
-                           "tagsets": len(p.sets), "ensembles": len(p.ensembles), "loaded_at": self.loaded_at,
-                           "base": self.base.name, "stats": dict(p.stats)}}
+        return {
+            "result": {
+                "status": "ok",
+                "registry": self.registry,
+                "version": self.version,
+                "registry_error": self.registry_error,
+                "tagsets": len(p.sets),
+                "ensembles": len(p.ensembles),
+                "loaded_at": self.loaded_at,
+                "base": self.base.name,
+                "stats": dict(p.stats),
+            }
+        }
 
     def memory(self) -> dict:
         """This replica's memory: USS before/after attaching the base (private bytes), RSS, base bytes."""
@@ -369,12 +462,19 @@ class TagModel:
         mi = psutil.Process().memory_full_info()
         param = next(self.base.model.parameters())
         emb = self.base.model.get_input_embeddings().weight
-        return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
-                "uss": mi.uss, "rss": mi.rss, "uss_before_base": self.uss_before_base,
-                "uss_after_base": self.uss_after_base, "base_bytes": shared_bytes(self.base.model),
-                "weights_mapping": _mapping_of(emb.data_ptr()) if emb.device.type == "cpu" else {},
-                "dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device),
-                "stats": dict(self.predictor.stats) if self.predictor else {}}
+        return {
+            "pid": os.getpid(),
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "uss": mi.uss,
+            "rss": mi.rss,
+            "uss_before_base": self.uss_before_base,
+            "uss_after_base": self.uss_after_base,
+            "base_bytes": shared_bytes(self.base.model),
+            "weights_mapping": _mapping_of(emb.data_ptr()) if emb.device.type == "cpu" else {},
+            "dtype": str(param.dtype).replace("torch.", ""),
+            "device": str(param.device),
+            "stats": dict(self.predictor.stats) if self.predictor else {},
+        }
 
     def check_health(self) -> None:
         if self.predictor is None:
@@ -388,7 +488,8 @@ class AppArgs(BaseModel):
     """Arguments of :func:`build_app` (``serve run tagray.ray.serve:build_app key=value ...``)."""
 
     model_config = ConfigDict(extra="forbid")
-    registry: str
+    registry: str | None = None
+    """Registry folder or s3:// prefix (or give it as the TagModel ``user_config`` of a config file)."""
     base: str = "smollm2-135m"
     dtype: str = "auto"
     replicas: int = Field(1, ge=1)
@@ -402,10 +503,11 @@ class AppArgs(BaseModel):
 def build_app(args: dict):
     """Serve application builder: ``TagrayAPI`` -> ``TagModel`` (``replicas`` copies sharing the base)."""
     a = AppArgs.model_validate(args)
-    registry = a.registry if "://" in a.registry else os.path.abspath(a.registry)
+    registry = a.registry if a.registry is None or "://" in a.registry else os.path.abspath(a.registry)
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if a.gpus > 0 else "float32")
     model = TagModel.options(
-        num_replicas=a.replicas, max_ongoing_requests=max(a.max_ongoing_requests, 2 * a.max_batch_size),
+        num_replicas=a.replicas,
+        max_ongoing_requests=max(a.max_ongoing_requests, 2 * a.max_batch_size),
         ray_actor_options={"num_cpus": a.cpus, "num_gpus": a.gpus},
         user_config={"registry": registry, "max_batch_size": a.max_batch_size},
     ).bind(a.base, dtype)
@@ -414,9 +516,12 @@ def build_app(args: dict):
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Add ``tagray serve`` to an argparse sub-parser set; the handler is ``args.func(args)``."""
-    p = subparsers.add_parser("serve", help="serve a tag registry over HTTP (Ray Serve)",
-                              description="Serve every tag set and ensemble of a registry: POST /v1/predict, "
-                                          "POST /v1/generate, GET /v1/tags, GET /healthz.")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a tag registry over HTTP (Ray Serve)",
+        description="Serve every tag set and ensemble of a registry: POST /v1/predict, "
+        "POST /v1/generate, GET /v1/tags, GET /healthz.",
+    )
     p.add_argument("--registry", required=True, help="registry folder (local or s3://)")
     p.add_argument("--base", default="smollm2-135m", help="base model the tags were trained on")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
@@ -425,7 +530,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="model replicas (they share the base)")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica")
-    p.add_argument("--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV})")
+    p.add_argument(
+        "--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV})"
+    )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
     p.set_defaults(func=cmd_serve)
     return p
@@ -435,12 +542,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the app until SIGINT / SIGTERM, then shut Serve down."""
     ray.init(address=args.address, ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app({"registry": args.registry, "base": args.base, "dtype": args.dtype,
-                         "replicas": args.replicas, "cpus": args.cpus, "gpus": args.gpus,
-                         "token": args.token or os.environ.get(TOKEN_ENV)}),
-              name="tagray", route_prefix="/", blocking=False)
-    print(f"tagray serving {args.registry} on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops",
-          flush=True)
+    serve.run(
+        build_app(
+            {
+                "registry": args.registry,
+                "base": args.base,
+                "dtype": args.dtype,
+                "replicas": args.replicas,
+                "cpus": args.cpus,
+                "gpus": args.gpus,
+                "token": args.token or os.environ.get(TOKEN_ENV),
+            }
+        ),
+        name="tagray",
+        route_prefix="/",
+        blocking=False,
+    )
+    print(
+        f"tagray serving {args.registry} on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops",
+        flush=True,
+    )
     stop = {"now": False}
 
     def _stop(*_):

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 
 import ray
 import ray.train
@@ -62,10 +64,15 @@ class RayTrainRuntime(Runtime):
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Train worker: ``config = {"job": StageJob as dict, "base": shared-base info}``."""
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     jd = dict(config["job"])
     job = StageJob(stage=stage_from_dict(jd.pop("stage")), **jd)
     rt = RayTrainRuntime(job.stage.scaling.strategy)
     base = attach_base(config["base"], rt.device) if config.get("base") else None
+    if config.get("node_log"):  # test hook: record which node each rank ran on
+        os.makedirs(config["node_log"], exist_ok=True)
+        with open(os.path.join(config["node_log"], f"rank{rt.rank}"), "w") as f:
+            f.write(ray.get_runtime_context().get_node_id())
     if config.get("fail_at_step") is not None:  # test hook: kill this worker once, mid-stage
         _install_failure(rt, config["fail_at_step"], config.get("fail_marker"))
     run_stage(job, rt, base=base, config_hash=config.get("config_hash"))
@@ -75,10 +82,12 @@ def _install_failure(rt: RayTrainRuntime, step: int, marker: str | None) -> None
     orig = rt.report
 
     def report(metrics, checkpoint_dir):
-        orig(metrics, checkpoint_dir)
-        if metrics.get("step", 0) >= step and rt.rank == rt.world_size - 1 and marker and not os.path.exists(marker):
+        # die at the first report after `step` (so the step checkpoint was registered long before)
+        if metrics.get("step", 0) > step and rt.rank == rt.world_size - 1 and marker and not os.path.exists(marker):
             open(marker, "w").close()
+            time.sleep(5)  # let the controller register the last checkpoint (it polls workers periodically)
             os._exit(1)  # a hard crash, as a lost node or OOM-killed worker would look
+        orig(metrics, checkpoint_dir)
 
     rt.report = report
 

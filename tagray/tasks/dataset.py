@@ -138,28 +138,31 @@ def _build(spec: TaskSpec) -> TaskData:
         raise ConfigError(f"task {spec.name}.columns", f"column {missing[0]!r} not in the data; columns: {sorted(rows[0])}")
     spec = _classes(spec, rows)
     key_col = spec.split.get("key") or (spec.input_fields[0] if spec.input_fields else None)
+    # assign splits and a fixed order from the raw key alone, then validate and label rows in that order
+    # only until each split's limit is reached (labels such as QED are the expensive part)
     splits: dict[str, list[tuple[float, dict]]] = {s: [] for s in SPLITS}
-    dropped = 0
     seen = set()
     for r in rows:
-        try:
-            r = prepare_row(spec, r)
-        except InputError:
-            dropped += 1
-            continue
-        k = str(r.get(key_col)) if key_col else json.dumps(r, sort_keys=True, default=str)
         dedup = json.dumps({f: r.get(f) for f in spec.input_fields + [spec.target.field or ""]}, default=str)
         if dedup in seen:
             continue
         seen.add(dedup)
+        k = str(r.get(key_col)) if key_col else dedup
         u = _u(k)
         name = "test" if u < spec.split["test"] else "valid" if u < spec.split["test"] + spec.split["valid"] else "train"
         splits[name].append((_u(k, "tagray-order-v1") + _u(dedup, "row") * 1e-9, r))
-    out = {}
+    out, dropped = {}, 0
     for s in SPLITS:
-        ordered = [r for _, r in sorted(splits[s], key=lambda x: x[0])]
         limit = spec.limits.get(s)
-        out[s] = ordered[:limit] if limit else ordered
+        kept = []
+        for _, r in sorted(splits[s], key=lambda x: x[0]):
+            if limit and len(kept) >= limit:
+                break
+            try:
+                kept.append(prepare_row(spec, r))
+            except InputError:
+                dropped += 1
+        out[s] = kept
     if dropped:
         log.info("task %s: dropped %d rows with invalid fields or labels", spec.name, dropped)
     if not out["train"]:

@@ -1,0 +1,110 @@
+"""The stage recipe without Ray: three stages as data, frozen tags, resume, mixed domains, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tagray.config import parse_pipeline
+from tagray.core.artifacts import load_tagset
+from tagray.core.errors import ConfigError
+from tagray.pipeline import plan, run_pipeline
+from tagray.stage import Runtime, StageJob, run_stage
+
+SMALL = {"train": 24, "valid": 8, "test": 8}
+
+
+def pipeline(base_dir, out, **train):
+    return parse_pipeline({
+        "name": "t", "base": base_dir, "output": str(out),
+        "train": {"max_steps": 3, "eval_every": 3, "batch_size": 4, "eval_rows": 8, "tag_length": 2,
+                  "lr": 1e-2, "probe_rows": 16, **train},
+        "stages": [
+            {"name": "domain", "tasks": [{"task": "smiles_lm", "limits": SMALL},
+                                         {"task": "protein_lm", "limits": SMALL}]},
+            {"name": "single", "tasks": [{"task": "qed", "limits": SMALL}, {"task": "amp", "limits": SMALL}]},
+            {"name": "cross", "tasks": [{"task": "tanimoto", "limits": SMALL},
+                                        {"task": "translate", "limits": SMALL}],
+             "train_tags": ["<Similarity>", "<Translate>", "<EN>", "<FR>", "<DE>", "<ES>"]},
+        ]})
+
+
+@pytest.fixture(scope="module")
+def three_stages(tiny_base_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = pipeline(tiny_base_dir, out)
+    return cfg, run_pipeline(cfg, executor="local")
+
+
+def test_three_stages_chain_and_freeze(three_stages):
+    cfg, res = three_stages
+    d, s, c = (load_tagset(res[n]["path"]) for n in ("domain", "single", "cross"))
+    assert set(d.tags) == {"<SMILES>", "<Protein>"}
+    assert set(s.tags) == {"<SMILES>", "<Protein>", "<QED>", "<AMP>"}
+    assert {"<Similarity>", "<Translate>", "<FR>"} <= set(c.tags)
+    # earlier-stage tags are bit-identical in later stages
+    for n in d.tags:
+        assert torch.equal(d.tags[n], s.tags[n]) and torch.equal(d.tags[n], c.tags[n])
+    for n in ("<QED>", "<AMP>"):
+        assert torch.equal(s.tags[n], c.tags[n]) and torch.equal(s.heads[n], c.heads[n])
+    assert s.tag_info["<SMILES>"]["stage"] == "domain" and s.tag_info["<QED>"]["kind"] == "function"
+    assert s.head_specs["<AMP>"].kind == "classification" and s.head_specs["<AMP>"].classes == ("AMP", "UniProt")
+    # each stage recorded its test metrics
+    assert "mse" in s.metrics["qed"]["test"] and "accuracy" in s.metrics["amp"]["test"]
+    assert "perplexity" in d.metrics["smiles_lm"]["test"] and "bleu" in c.metrics["translate"]["test"]
+
+
+def test_rerun_skips_finished_stages(three_stages):
+    cfg, _ = three_stages
+    assert all(done for _, _, done in plan(cfg))
+    res = run_pipeline(cfg, executor="local")
+    assert all(r.get("skipped") for r in res.values())
+
+
+def test_resume_from_checkpoint_continues_the_run(tiny_llama, tmp_path):
+    cfg = pipeline("unused", tmp_path, max_steps=4, eval_every=2)
+    st = cfg.stages[0]
+    ckpt = str(tmp_path / "ckpt")
+    rt = Runtime(checkpoint_dir=ckpt)
+    run_stage(StageJob(stage=st, output=str(tmp_path / "a")), rt, base=tiny_llama)
+    assert [r["step"] for r in rt.reports] == [2, 4]
+    # a new run over the same checkpoint directory starts at step 4: nothing left to do but evaluate
+    rt2 = Runtime(checkpoint_dir=ckpt)
+    ts, _ = run_stage(StageJob(stage=st, output=str(tmp_path / "b")), rt2, base=tiny_llama)
+    assert rt2.reports == []
+    assert torch.equal(ts.tags["<SMILES>"], load_tagset(str(tmp_path / "a")).tags["<SMILES>"])
+
+
+@pytest.mark.slow
+def test_real_smollm2_learns_a_domain_tag(smollm2):
+    """Training the real SmolLM2's <SMILES> tag lowers the held-out LM loss on real molecules."""
+    cfg = parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": [
+        {"task": "smiles_lm", "limits": {"train": 64, "valid": 16, "test": 8}}]}],
+        "train": {"max_steps": 12, "eval_every": 6, "batch_size": 4, "eval_rows": 16, "tag_length": 4, "lr": 1e-2}})
+    job = StageJob(stage=cfg.stages[0])
+    from tagray.stage import build_setup, evaluate
+
+    setup = build_setup(job, smollm2)
+    before = evaluate(setup.model, setup, setup.tasks, "valid", torch.device("cpu"), limit=16)["smiles_lm"]["loss"]
+    rt = Runtime()
+    run_stage(job, rt, base=smollm2)
+    after = rt.reports[-1]["val/smiles_lm/loss"]
+    assert after < before - 0.05, (before, after)
+    assert not any(p.requires_grad for p in smollm2.model.parameters())
+
+
+def test_stage_config_errors_name_the_key(tiny_llama):
+    with pytest.raises(ConfigError) as e:
+        parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": ["qed"], "train": {"lrr": 1}}]})
+    assert e.value.field == "stages[0].train.lrr"
+    with pytest.raises(ConfigError) as e:
+        parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": ["qed"], "train": {"tag_length": 0}}]})
+    assert e.value.field == "stages[0].train.tag_length"
+    with pytest.raises(ConfigError) as e:
+        parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": ["qed"], "train": {"max_steps": "many"}}]})
+    assert e.value.field == "stages[0].train.max_steps"
+    cfg = parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": [{"task": "qed", "limits": SMALL}],
+                                                   "train_tags": ["<Nope>"]}]})
+    with pytest.raises(ConfigError) as e:
+        run_stage(StageJob(stage=cfg.stages[0]), Runtime(), base=tiny_llama)
+    assert e.value.field == "train_tags"
