@@ -246,6 +246,14 @@ class Predictor:
             "rejected": {n: e.to_dict() for n, e in {**self.rejected, **self.rejected_ensembles}.items()},
         }
 
+    def task_kind(self, task: str) -> str:
+        """``regression`` / ``classification`` / ``lm`` of a task some loaded tag set knows."""
+        for specs in self.tasks.values():
+            if task in specs:
+                return specs[task].target.kind
+        known = sorted({t for specs in self.tasks.values() for t in specs})
+        raise UnknownTagError("task", f"no tag set knows task {task!r}; tasks: {known}")
+
     # ---- resolution --------------------------------------------------------------------------------
 
     def _set(self, name: str, field: str) -> TagSet:
@@ -446,10 +454,7 @@ class Predictor:
         )
 
     def _validate_inputs(self, spec: TaskSpec, inputs: Mapping[str, str]) -> dict:
-        need = spec.input_fields
-        extra = sorted(set(inputs) - set(need))
-        if extra:
-            raise InputError(f"inputs.{extra[0]}", f"not an input of task {spec.name!r}; inputs: {need}")
+        need = spec.input_fields  # other keys (ids, labels of a CSV row for `tagray predict`) are ignored
         for f in need:
             if f not in inputs:
                 raise InputError(f"inputs.{f}", f"missing (task {spec.name!r} needs {need})")
@@ -461,7 +466,9 @@ class Predictor:
                 raise InputError(f"inputs.{f}", f"not a tag name: {inputs[f][:80]!r} (e.g. FR)")
         # labels are not derived at prediction time (they are the unknowns): validate fields only
         try:
-            return prepare_row(dataclasses.replace(spec, derive={}), dict(inputs), with_target=False)
+            return prepare_row(
+                dataclasses.replace(spec, derive={}), {f: inputs[f] for f in need}, with_target=False
+            )
         except TagrayError as e:
             raise _input_error(e, set(need)) from None
 

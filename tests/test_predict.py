@@ -250,7 +250,6 @@ def gen(src_lang: str, tgt_lang: str) -> dict:
         (qed("C" * 400), InputError, "inputs.smiles"),  # over the task's max_length tokens
         (qed("C" * 20_000), InputError, "inputs.smiles"),  # over MAX_CHARS
         ({"tag": "<QED>", "inputs": {}}, InputError, "inputs.smiles"),
-        ({"tag": "<QED>", "inputs": {"smiles": "CCO", "qed": "0.5"}}, InputError, "inputs.qed"),
         ({"tag": "<QED>", "inputs": {"smiles": 5}}, InputError, "inputs.smiles"),
         ({"inputs": {"smiles": "CCO"}}, InputError, "tag"),
         (qed("C\ud800C"), InputError, "inputs.smiles"),  # a lone surrogate (JSON can carry one)
@@ -277,6 +276,18 @@ def test_bad_requests_name_the_field(pred, req, err, field):
             pred.predict([req])
     assert e.value.field == field, e.value
     assert 400 <= e.value.status < 500
+
+
+def test_extra_inputs_are_ignored_and_task_kind(pred):
+    """Rows of a labelled CSV (``tagray predict --input-file``) carry ids and targets: not inputs."""
+    a = pred.predict([qed("CCO", tagset="chem")])[0]
+    b = pred.predict(
+        [{"tag": "<QED>", "tagset": "chem", "inputs": {"smiles": "CCO", "qed": "0.5", "id": "7"}}]
+    )[0]
+    assert a == b
+    assert [pred.task_kind(t) for t in ("qed", "amp", "translate")] == ["regression", "classification", "lm"]
+    with pytest.raises(UnknownTagError):
+        pred.task_kind("nope")
 
 
 def test_errors_are_per_request_when_asked(pred):

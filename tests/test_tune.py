@@ -154,7 +154,11 @@ def search(ray_local, tiny_base_dir, tmp_path_factory):
     from tagray.cli import main
 
     tmp = tmp_path_factory.mktemp("tune")
-    raw = raw_config(tmp, base=tiny_base_dir, tasks=["qed"], num_samples=4, max_concurrent=2, seed=0, top_k=2)
+    # seed 0 draws lr 0.038, 0.013, 0.21, 0.13 from this range: trials 3 and 4 diverge at their first evaluation
+    # (val_loss 12.5 and 27.5 vs 1.08 and 1.06), and whatever the arrival order, a trial's slot frees only after
+    # one of trials 1-2 passed rung 1, so ASHA stops at least trial 3 (measured with local run_stage)
+    raw = raw_config(tmp, base=tiny_base_dir, tasks=["qed"], num_samples=4, max_concurrent=2, seed=0, top_k=2,
+                     lr=[1e-4, 1.0])
     path = tmp / "tune.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg, ts = tt.load_tune(str(path))
@@ -191,6 +195,11 @@ def test_asha_stops_some_trials_early(search):
     final = search["final"]
     rows = list(csv.DictReader(open(f"{final['results']}/trials.csv")))
     assert final["stopped_early"] >= 1 and final["completed"] >= 1 and final["errors"] == 0, rows
+    # the diverging trials (lr > 0.1, see the fixture) are stopped even when they ran after the resume:
+    # ASHA's rung records survive Tuner.restore
+    assert [r["status"] for r in rows if float(r["lr"]) > 0.1] == ["stopped", "stopped"], rows
+    rungs = json.load(open(f"{search['tmp']}/runs/tt/tune/_asha/{os.path.basename(final['experiment'])}.json"))
+    assert len(rungs["1"]) == 4  # every trial's first evaluation, from both runs, is on record
     full = tt.plan_searches(search["cfg"], search["ts"])[0].evals
     for r in rows:
         if r["status"] == "stopped":

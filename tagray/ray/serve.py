@@ -30,7 +30,12 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    ReplicaUnavailableError,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -76,13 +81,15 @@ class GenerateRequest(PredictRequest):
     max_new_tokens: int | None = Field(None, ge=1, le=256, description="Default: the task's setting.")
 
 
+COMPOSITION = "Per member: template tag -> the set/<Tag> that filled it."
+
+
 class Answer(BaseModel):
     task: str
     tag: str | None
     kind: str = Field(description="regression, classification or lm")
     tagset: str | None
     ensemble: str | None
-    composition: dict[str, dict[str, str]] = Field(description="Per member: template tag -> set/<Tag> used.")
 
 
 class PredictResponse(Answer):
@@ -93,11 +100,13 @@ class PredictResponse(Answer):
     members: dict[str, float | list[float] | str]
     probabilities: dict[str, float] | None = None
     columns: list[str] | None = None
+    composition: dict[str, dict[str, str]] = Field(description=COMPOSITION)
 
 
 class GenerateResponse(Answer):
     text: str = Field(description="The generation (an ensemble's most common one).")
     members: dict[str, str]
+    composition: dict[str, dict[str, str]] = Field(description=COMPOSITION)
 
 
 class ErrorBody(BaseModel):
@@ -176,7 +185,10 @@ async def guard(request: Request, call_next):
     if size > MAX_BODY:
         return error(413, "PayloadTooLarge", "body", f"{size} bytes > {MAX_BODY}")
     # the replica's instance holds the token: Serve runs a pickled copy of `app`, so no module state here
-    token = getattr(serve.get_replica_context().servable_object, "token", None)
+    try:
+        token = getattr(serve.get_replica_context().servable_object, "token", None)
+    except RayServeException:  # not inside a replica (e.g. a unit test of the app's validation)
+        token = None
     if token and request.url.path.startswith("/v1/"):
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -534,7 +546,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV})"
     )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, fn=cmd_serve)  # tagray.cli dispatches on `fn`
     return p
 
 

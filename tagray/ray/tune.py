@@ -11,6 +11,7 @@ in-flight ones resume from their last Train checkpoint. Layout under ``<output>/
     <exp>/                    Tune experiment state (<exp> = <stage>-<task>-<settings hash>)
     _train/                   the trials' Ray Train runs (checkpoints)
     _artifacts/<exp>/<trial>/ each finished trial's tag set
+    _asha/<exp>.json          ASHA's rung records (Tune does not checkpoint schedulers)
     results/<exp>/            trials.csv, summary.json, study.db (Optuna), history.png, importance.png
 """
 
@@ -221,6 +222,41 @@ def _report_callback(extra: dict):
     return Report()
 
 
+def _asha(path: str, **kw):
+    """ASHA whose rung records survive ``Tuner.restore``: Tune checkpoints the searcher but not the scheduler,
+    so a resumed search would otherwise judge new trials against no one. The records (trial -> value per
+    rung, a few bytes) are saved at ``path`` after every decision and reloaded on the first trial added.
+    ``path`` must lie outside the experiment folder, which Tune overwrites from its local copy."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ResumableASHA(ASHAScheduler):
+        def on_trial_add(self, controller, trial):
+            fs, p = fsspec.core.url_to_fs(path)
+            if not getattr(self, "_loaded", False) and fs.exists(p):
+                saved = json.loads(fs.cat_file(p))
+                for (milestone, rec) in self._brackets[0]._rungs:
+                    rec.update(saved.get(str(milestone), {}))
+            self._loaded = True
+            super().on_trial_add(controller, trial)
+
+        def _save(self):
+            fs, p = fsspec.core.url_to_fs(path)
+            fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(p, "w") as f:
+                json.dump({str(m): rec for m, rec in self._brackets[0]._rungs}, f)
+
+        def on_trial_result(self, controller, trial, result):
+            action = super().on_trial_result(controller, trial, result)
+            self._save()
+            return action
+
+        def on_trial_complete(self, controller, trial, result):
+            super().on_trial_complete(controller, trial, result)
+            self._save()
+
+    return ResumableASHA(**kw)
+
+
 def _trial(config: dict, ctx: dict) -> None:
     """One trial: the one-task stage with this ``(tag_length, lr)``, run as a Ray Train job."""
     from ray import tune
@@ -347,7 +383,7 @@ def _export(rows: list[dict], s: Search, ts: TuneSettings, d: str) -> dict:
 
 def _run_search(cfg: PipelineConfig, ts: TuneSettings, s: Search, callbacks: list | None) -> dict:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     tune_dir = _abs(cfg.run_dir()) + "/tune"
@@ -368,7 +404,7 @@ def _run_search(cfg: PipelineConfig, ts: TuneSettings, s: Search, callbacks: lis
         else:  # metric/mode given once, here; Tune hands them to the searcher and the scheduler
             sched = FIFOScheduler()
             if ts.asha:  # rungs strictly below the last evaluation, so no finished run is thrown away
-                sched = ASHAScheduler(max_t=s.evals - 1, grace_period=ts.asha["grace_period"],
+                sched = _asha(f"{tune_dir}/_asha/{s.name}.json", max_t=s.evals - 1, grace_period=ts.asha["grace_period"],
                                       reduction_factor=ts.asha["reduction_factor"], stop_last_trials=False)
             tc = tune.TuneConfig(metric=s.metric, mode=ts.mode, search_alg=OptunaSearch(seed=ts.seed),
                                  scheduler=sched, num_samples=ts.num_samples, max_concurrent_trials=conc)
