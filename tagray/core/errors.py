@@ -13,6 +13,9 @@ class TagrayError(Exception):
         self.message = message
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):  # picklable across processes (Ray re-raises errors from workers and replicas)
+        return (type(self), (self.field, self.message))
+
     def to_dict(self) -> dict:
         return {"error": type(self).__name__, "field": self.field, "message": self.message}
 

@@ -63,6 +63,8 @@ class PackedTable(nn.Module):
 
     def table(self) -> torch.Tensor:
         """The whole virtual table ``(rows, width)``; gradients flow into the trainable part only."""
+        if self.trainable.numel() == 0:  # serving: everything frozen, no copy per forward pass
+            return self.frozen
         return torch.cat([self.frozen.to(self.trainable.dtype), self.trainable])
 
     def get(self, name: str) -> torch.Tensor:

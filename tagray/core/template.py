@@ -112,7 +112,9 @@ class TemplateEncoder:
         self._text_cache: dict[str, list[int]] = {}
         self._char_cache: dict[str, list[int]] = {}
 
-    def _text(self, s: str) -> list[int]:
+    def _text(self, s: str, cache: bool = True) -> list[int]:
+        if not cache:  # field values are unbounded (a server sees endless new ones): never cached
+            return self.tok.encode(s, add_special_tokens=False)
         if s not in self._text_cache:
             self._text_cache[s] = self.tok.encode(s, add_special_tokens=False)
         return self._text_cache[s]
@@ -170,13 +172,13 @@ class TemplateEncoder:
                 if self.head_tag is not None and name == self.rename.get(self.head_tag, self.head_tag):
                     head_pos = len(ids) - 1
             else:  # field
+                is_target = p.value == self.lm_field
+                if is_target and not with_target:
+                    break  # a generation prompt ends right before the target text
                 if p.value not in row or row[p.value] is None:
                     raise InputError(p.value, "missing")
                 value = str(row[p.value])
-                is_target = p.value == self.lm_field
-                if is_target and not with_target:
-                    break
-                toks = self._chars(value) if p.value in self.char_fields else self._text(value)
+                toks = self._chars(value) if p.value in self.char_fields else self._text(value, cache=False)
                 lengths[p.value] = len(toks)
                 if is_target and self.lm_eos and self.tok.eos_token_id is not None:
                     toks = toks + [self.tok.eos_token_id]

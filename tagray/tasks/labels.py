@@ -18,7 +18,7 @@ def label(name: str):
     return deco
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=8192)
 def mol(smiles: str):
     from rdkit import Chem, RDLogger
 
