@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: run (or resume) every stage of a pipeline YAML on the cluster.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/pipeline.py jobs/pipeline.yaml
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/pipeline.py jobs/pipeline.yaml
 """
 
 import sys

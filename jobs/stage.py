@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: run one stage of a pipeline YAML (earlier stages must have run).
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/stage.py jobs/pipeline.yaml --stage single
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/stage.py jobs/pipeline.yaml --stage single
 """
 
 import sys

@@ -17,8 +17,9 @@ log = logging.getLogger("tagray")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("transformers", "datasets", "filelock", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -36,8 +37,9 @@ def cmd_pipeline(args) -> int:
 
     cfg = load_pipeline(args.config, args.set)
     only = args.stages.split(",") if getattr(args, "stages", None) else None
-    results = run_pipeline(cfg, executor="local" if args.local else "ray", only=only, address=args.address,
-                           force=args.force)
+    results = run_pipeline(
+        cfg, executor="local" if args.local else "ray", only=only, address=args.address, force=args.force
+    )
     print(format_results(results))
     return 0
 
@@ -54,8 +56,13 @@ def _frozen_setup(tags: str, task: str, base: str | None):
 
     ts = load_tagset(tags)
     base = base or ts.meta.get("base") or "smollm2-135m"
-    cfg = parse_pipeline({"name": "eval", "base": base, "stages": [
-        {"name": "eval", "tasks": [task], "train_tags": [], "init_from": None}]})
+    cfg = parse_pipeline(
+        {
+            "name": "eval",
+            "base": base,
+            "stages": [{"name": "eval", "tasks": [task], "train_tags": [], "init_from": None}],
+        }
+    )
     job = StageJob(stage=cfg.stages[0], base=base, dtype="float32", init_from=tags)
     return build_setup(job), ts
 
@@ -66,8 +73,9 @@ def cmd_eval(args) -> int:
     from .stage import evaluate
 
     setup, _ = _frozen_setup(args.tags, args.task, args.base)
-    res = evaluate(setup.model, setup, setup.tasks, args.split, torch.device("cpu"), limit=args.limit,
-                   generate=True)
+    res = evaluate(
+        setup.model, setup, setup.tasks, args.split, torch.device("cpu"), limit=args.limit, generate=True
+    )
     print(json.dumps(res, indent=2))
     return 0
 
@@ -150,15 +158,22 @@ def cmd_validate_cluster(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tagray", description="Tag-LLM on Ray: learn, search and serve input tags "
-                                "for frozen Hugging Face LMs.")
+    p = argparse.ArgumentParser(
+        prog="tagray",
+        description="Tag-LLM on Ray: learn, search and serve input tags for frozen Hugging Face LMs.",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def run_opts(sp):
         sp.add_argument("config", help="pipeline YAML (local or s3://), e.g. jobs/pipeline.yaml")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. train.max_steps=20 or stages.1.train.lr=1e-3")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. train.max_steps=20 or stages.1.train.lr=1e-3",
+        )
         sp.add_argument("--local", action="store_true", help="run in this process instead of on Ray Train")
         sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
         sp.add_argument("--force", action="store_true", help="re-run stages whose artifacts already exist")

@@ -133,8 +133,10 @@ def _build(cls, d: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}" if where else sorted(unknown)[0],
-                          f"unknown key; allowed: {sorted(names)}")
+        raise ConfigError(
+            f"{where}.{sorted(unknown)[0]}" if where else sorted(unknown)[0],
+            f"unknown key; allowed: {sorted(names)}",
+        )
     hints = get_type_hints(cls)
     kw = {}
     for k, v in d.items():

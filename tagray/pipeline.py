@@ -42,7 +42,9 @@ def resolve_init(cfg: PipelineConfig, st: StageConfig, prev_out: str | None) -> 
     if ref in names:
         return _abs(cfg.run_dir()) + "/" + ref
     if not is_tagset(ref):
-        raise ConfigError(f"stages.{st.name}.init_from", f"{ref!r} is neither a stage name nor a tag-set folder")
+        raise ConfigError(
+            f"stages.{st.name}.init_from", f"{ref!r} is neither a stage name nor a tag-set folder"
+        )
     return ref
 
 
@@ -55,23 +57,33 @@ def plan(cfg: PipelineConfig, only: list[str] | None = None) -> list[tuple[Stage
         h = stage_hash(cfg, st, init)
         dest = f"{run_dir}/{st.name}"
         done = is_tagset(dest) and load_tagset(dest).meta.get("config_hash") == h
-        job = StageJob(stage=st, base=cfg.base, dtype=cfg.dtype, init_from=init, output=dest,
-                       run_name=f"{cfg.name}-{h}")
+        job = StageJob(
+            stage=st, base=cfg.base, dtype=cfg.dtype, init_from=init, output=dest, run_name=f"{cfg.name}-{h}"
+        )
         if only is None or st.name in only:
             out.append((job, h, done))
         prev = dest
     if only:
         unknown = set(only) - {s.name for s in cfg.stages}
         if unknown:
-            raise ConfigError("stage", f"unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in cfg.stages]}")
+            raise ConfigError(
+                "stage", f"unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in cfg.stages]}"
+            )
         for job, _, _ in out:
             if job.init_from and not is_tagset(job.init_from):
-                raise ConfigError("stage", f"stage {job.stage.name} needs {job.init_from}: run the earlier stage first")
+                raise ConfigError(
+                    "stage", f"stage {job.stage.name} needs {job.init_from}: run the earlier stage first"
+                )
     return out
 
 
-def run_pipeline(cfg: PipelineConfig, executor: str = "ray", only: list[str] | None = None,
-                 address: str | None = None, force: bool = False) -> dict:
+def run_pipeline(
+    cfg: PipelineConfig,
+    executor: str = "ray",
+    only: list[str] | None = None,
+    address: str | None = None,
+    force: bool = False,
+) -> dict:
     """Run (or resume) the pipeline; returns ``{stage: {"path": ..., "test": metrics}}``."""
     jobs = plan(cfg, only)
     run_dir = _abs(cfg.run_dir())
@@ -103,7 +115,9 @@ def run_pipeline(cfg: PipelineConfig, executor: str = "ray", only: list[str] | N
 
 def _test_metrics(ts, job: StageJob) -> dict:
     names = set(ts.meta.get("tasks", [])) | {str(t) for t in job.stage.eval_tasks}
-    return {t: m.get("test", {}) for t, m in ts.metrics.items() if t in names or m.get("stage") == job.stage.name}
+    return {
+        t: m.get("test", {}) for t, m in ts.metrics.items() if t in names or m.get("stage") == job.stage.name
+    }
 
 
 def _write_summary(run_dir: str, results: dict) -> None:
@@ -122,14 +136,20 @@ def format_results(results: dict) -> str:
                 continue
             if "mse" in m:
                 base = m.get("baseline_mse", float("nan"))
-                lines.append(f"{stage:<10} {task:<20} {'MSE (train-mean baseline)':<28} {m['mse']:.4f} "
-                             f"({base:.4f}, {m['mse'] / base:.2f}x)")
-                lines.append(f"{'':<10} {'':<20} {'Pearson / Spearman':<28} {m['pearson']:.3f} / {m['spearman']:.3f}")
+                lines.append(
+                    f"{stage:<10} {task:<20} {'MSE (train-mean baseline)':<28} {m['mse']:.4f} "
+                    f"({base:.4f}, {m['mse'] / base:.2f}x)"
+                )
+                lines.append(
+                    f"{'':<10} {'':<20} {'Pearson / Spearman':<28} {m['pearson']:.3f} / {m['spearman']:.3f}"
+                )
             elif "accuracy" in m:
                 lines.append(f"{stage:<10} {task:<20} {'accuracy':<28} {m['accuracy']:.3f}")
             elif "loss" in m:
                 extra = f"  BLEU {m['bleu']:.1f}" if "bleu" in m else ""
-                lines.append(f"{stage:<10} {task:<20} {'LM loss / perplexity':<28} {m['loss']:.3f} / "
-                             f"{m.get('perplexity', float('nan')):.1f}{extra}")
+                lines.append(
+                    f"{stage:<10} {task:<20} {'LM loss / perplexity':<28} {m['loss']:.3f} / "
+                    f"{m.get('perplexity', float('nan')):.1f}{extra}"
+                )
         lines.append(f"{'':<10} -> {r['path']}")
     return "\n".join(lines)

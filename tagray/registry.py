@@ -55,8 +55,12 @@ def publish_ensemble(registry: str, name: str, members: list[str], meta: dict | 
         raise UnknownTagError("members", f"not in the registry: {missing}")
     fs, root = _fs(registry)
     fs.makedirs(f"{root}/ensembles", exist_ok=True)
-    doc = {"name": name, "members": list(members), "meta": meta or {},
-           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    doc = {
+        "name": name,
+        "members": list(members),
+        "meta": meta or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     with fs.open(f"{root}/ensembles/{name}.json", "w") as f:
         json.dump(doc, f, indent=2)
     return registry.rstrip("/") + f"/ensembles/{name}.json"
@@ -83,7 +87,9 @@ def list_ensembles(registry: str) -> dict[str, dict]:
     return out
 
 
-def load_registry(registry: str, expect_base: dict | None = None) -> tuple[dict[str, TagSet], dict[str, dict]]:
+def load_registry(
+    registry: str, expect_base: dict | None = None
+) -> tuple[dict[str, TagSet], dict[str, dict]]:
     """All tag sets and ensembles of a registry; tag sets trained on another base are refused."""
     prefix = registry.rstrip("/")
     sets = {n: load_tagset(f"{prefix}/tagsets/{n}", expect_base=expect_base) for n in list_tagsets(registry)}

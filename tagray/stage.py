@@ -130,7 +130,9 @@ def build_setup(job: StageJob, base: Base | None = None) -> Setup:
     for td in eval_tasks:
         for t in td.tags():
             if t not in known and t not in used:
-                raise ConfigError("eval_tasks", f"{td.spec.name} needs tag {t}, which no stage so far provides")
+                raise ConfigError(
+                    "eval_tasks", f"{td.spec.name} needs tag {t}, which no stage so far provides"
+                )
 
     emb = base.model.get_input_embeddings().weight
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -163,8 +165,11 @@ def build_setup(job: StageJob, base: Base | None = None) -> Setup:
         head_entries[h] = head_init(emb, spec.out_dim, gen)
         train_heads.add(h)
     stats = dict(prev.head_stats) if prev else {}
-    heads = (HeadBank(head_entries, head_specs, emb.shape[1], trainable=train_heads, stats=stats)
-             if head_entries else None)
+    heads = (
+        HeadBank(head_entries, head_specs, emb.shape[1], trainable=train_heads, stats=stats)
+        if head_entries
+        else None
+    )
     model = TagLLM(base.model, bank, heads, isolate_spans=cfg.isolate_spans)
     task_specs = dict(prev.tasks) if prev else {}
     task_specs.update({td.spec.name: td.spec.to_json() for td in tasks + eval_tasks})
@@ -216,8 +221,15 @@ def ridge_head(z: torch.Tensor, y: torch.Tensor, spec: HeadSpec) -> torch.Tensor
     def solve(a, b, lam):
         return torch.linalg.solve(a.T @ a + lam * torch.eye(d, dtype=a.dtype), a.T @ (b - b.mean(0)))
 
-    best = min((float(((z64[:cut] @ solve(z64[cut:], t64[cut:], lam) + t64[cut:].mean(0) - t64[:cut]) ** 2).mean()), lam)
-               for lam in (1.0, 10.0, 100.0, 1000.0, 10000.0))[1]
+    best = min(
+        (
+            float(
+                ((z64[:cut] @ solve(z64[cut:], t64[cut:], lam) + t64[cut:].mean(0) - t64[:cut]) ** 2).mean()
+            ),
+            lam,
+        )
+        for lam in (1.0, 10.0, 100.0, 1000.0, 10000.0)
+    )[1]
     w = solve(z64, t64, best)  # (d, k)
     return torch.cat([w.T, t64.mean(0)[:, None]], 1).float()
 
@@ -226,9 +238,17 @@ def ridge_head(z: torch.Tensor, y: torch.Tensor, spec: HeadSpec) -> torch.Tensor
 
 
 def encoder_for(spec: TaskSpec, tokenizer, bank: TagBank, rename=None) -> TemplateEncoder:
-    return TemplateEncoder(tokenizer, spec.template, bank.slots, char_fields=spec.char_fields,
-                           lm_field=spec.target.field, lm_eos=spec.target.eos, head_tag=spec.head_tag,
-                           rename=rename, max_length=spec.max_length)
+    return TemplateEncoder(
+        tokenizer,
+        spec.template,
+        bank.slots,
+        char_fields=spec.char_fields,
+        lm_field=spec.target.field,
+        lm_eos=spec.target.eos,
+        head_tag=spec.head_tag,
+        rename=rename,
+        max_length=spec.max_length,
+    )
 
 
 @dataclass
@@ -250,7 +270,13 @@ def encode_split(setup: Setup, tasks: list[TaskData], split: str, limit: int | N
             except InputError:
                 skipped += 1  # rows over max_length: counted, never silently truncated
         if skipped:
-            log.info("task %s/%s: %d rows over max_length %d skipped", td.spec.name, split, skipped, td.spec.max_length)
+            log.info(
+                "task %s/%s: %d rows over max_length %d skipped",
+                td.spec.name,
+                split,
+                skipped,
+                td.spec.max_length,
+            )
     return out
 
 
@@ -263,14 +289,23 @@ def make_batch(model: TagLLM, exs: list[Example], pad_id: int, left_pad: bool = 
 
 
 @torch.no_grad()
-def evaluate(model: TagLLM, setup: Setup, tasks: list[TaskData], split: str, device, limit: int | None = None,
-             batch_size: int = 16, generate: bool = False, autocast: torch.dtype | None = None) -> dict:
+def evaluate(
+    model: TagLLM,
+    setup: Setup,
+    tasks: list[TaskData],
+    split: str,
+    device,
+    limit: int | None = None,
+    batch_size: int = 16,
+    generate: bool = False,
+    autocast: torch.dtype | None = None,
+) -> dict:
     """Metrics per task on ``split``: ``{task: {metric: value, "loss": ...}}``."""
     was = model.training
     model.eval()
     pad = setup.base.tokenizer.pad_token_id
     results = {}
-    for ti, td in enumerate(tasks):
+    for _ti, td in enumerate(tasks):
         exs = encode_split(setup, [td], split, limit)
         if not exs:
             continue
@@ -301,19 +336,37 @@ def evaluate(model: TagLLM, setup: Setup, tasks: list[TaskData], split: str, dev
             m.update(lm_metrics(tot, ntok))
             if generate and "bleu" in td.spec.metrics:
                 rows = td.splits[split][:limit] if limit else td.splits[split]
-                hyps = generate_text(model, setup, td.spec, rows, device, batch_size=batch_size,
-                                     max_new_tokens=td.spec.generate.get("max_new_tokens", 48))
+                hyps = generate_text(
+                    model,
+                    setup,
+                    td.spec,
+                    rows,
+                    device,
+                    batch_size=batch_size,
+                    max_new_tokens=td.spec.generate.get("max_new_tokens", 48),
+                )
                 m.update(bleu(hyps, [r[td.spec.target.field] for r in rows]))
-                m["examples"] = [{"src": r.get("src"), "ref": r[td.spec.target.field], "hyp": h}
-                                 for r, h in list(zip(rows, hyps, strict=True))[:3]]
+                m["examples"] = [
+                    {"src": r.get("src"), "ref": r[td.spec.target.field], "hyp": h}
+                    for r, h in list(zip(rows, hyps, strict=True))[:3]
+                ]
         results[td.spec.name] = m
     model.train(was)
     return results
 
 
 @torch.no_grad()
-def generate_text(model: TagLLM, setup: Setup | None, spec: TaskSpec, rows: list[dict], device,
-                  batch_size: int = 16, max_new_tokens: int = 48, tokenizer=None, rename=None) -> list[str]:
+def generate_text(
+    model: TagLLM,
+    setup: Setup | None,
+    spec: TaskSpec,
+    rows: list[dict],
+    device,
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    tokenizer=None,
+    rename=None,
+) -> list[str]:
     """Greedy generation of ``spec.target.field`` for each row, tags spliced into the prompt."""
     tok = tokenizer or setup.base.tokenizer
     enc = encoder_for(spec, tok, model.tags, rename)
@@ -323,9 +376,14 @@ def generate_text(model: TagLLM, setup: Setup | None, spec: TaskSpec, rows: list
         batch = collate(encs, pad_id=tok.pad_token_id, left_pad=True)
         batch = to_device(batch, device)
         emb = model.embed(batch["input_ids"], batch["tag_rows"])
-        gen = model.base.generate(inputs_embeds=emb, attention_mask=batch["attention_mask"], do_sample=False,
-                                  max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id)
+        gen = model.base.generate(
+            inputs_embeds=emb,
+            attention_mask=batch["attention_mask"],
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         for g in gen:
             outs.append(tok.decode(g, skip_special_tokens=True).strip())
     return outs
@@ -340,9 +398,17 @@ def current_tagset(setup: Setup, metrics: dict | None = None, stage: str | None 
     specs = dict(m.heads.specs) if m.heads is not None else {}
     prev_metrics = dict(setup.prev.metrics) if setup.prev else {}
     prev_metrics.update(metrics or {})
-    return TagSet(tags=m.tags.state(), heads=heads, tag_info=setup.tag_info, head_specs=specs,
-                  base=setup.base.fingerprint, tasks=setup.task_specs, metrics=prev_metrics, stage=stage,
-                  head_stats=m.heads.stats() if m.heads is not None else {})
+    return TagSet(
+        tags=m.tags.state(),
+        heads=heads,
+        tag_info=setup.tag_info,
+        head_specs=specs,
+        base=setup.base.fingerprint,
+        tasks=setup.task_specs,
+        metrics=prev_metrics,
+        stage=stage,
+        head_stats=m.heads.stats() if m.heads is not None else {},
+    )
 
 
 def save_checkpoint(path: str, setup: Setup, opt: torch.optim.Optimizer, state: dict, stage: str) -> None:
@@ -373,9 +439,11 @@ def load_checkpoint(path: str, setup: Setup, opt: torch.optim.Optimizer) -> dict
     flat = load_file(os.path.join(path, "optimizer.safetensors"))
     for i, p in enumerate(m.trainable_parameters()):
         if f"{i}.exp_avg" in flat:
-            opt.state[p] = {"exp_avg": flat[f"{i}.exp_avg"].to(p.device),
-                            "exp_avg_sq": flat[f"{i}.exp_avg_sq"].to(p.device),
-                            "step": torch.tensor(state.get("opt_step", {}).get(str(i), 0.0))}
+            opt.state[p] = {
+                "exp_avg": flat[f"{i}.exp_avg"].to(p.device),
+                "exp_avg_sq": flat[f"{i}.exp_avg_sq"].to(p.device),
+                "step": torch.tensor(state.get("opt_step", {}).get(str(i), 0.0)),
+            }
     return state
 
 
@@ -391,8 +459,9 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None = None,
-              config_hash: str | None = None) -> tuple[TagSet, dict]:
+def run_stage(
+    job: StageJob, runtime: Runtime | None = None, base: Base | None = None, config_hash: str | None = None
+) -> tuple[TagSet, dict]:
     """Train one stage; returns the final tag set (best validation state) and its test metrics."""
     rt = runtime or Runtime()
     cfg = job.stage.train
@@ -410,14 +479,24 @@ def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None =
     if model.heads is not None and model.heads.trainable.requires_grad:
         groups.append({"params": [model.heads.trainable], "lr": cfg.head_lr or cfg.lr / 10})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    )
     n_trainable = sum(p.numel() for p in params)
-    rt.log(f"stage {job.stage.name}: training {sorted(setup.train_tags)} + heads {sorted(setup.train_heads)} "
-           f"({n_trainable:,} parameters); frozen tags {sorted(set(setup.tag_info) - setup.train_tags)}")
+    rt.log(
+        f"stage {job.stage.name}: training {sorted(setup.train_tags)} + heads {sorted(setup.train_heads)} "
+        f"({n_trainable:,} parameters); frozen tags {sorted(set(setup.tag_info) - setup.train_tags)}"
+    )
 
     train = encode_split(setup, setup.tasks, "train")
-    sampler = BucketBatchSampler([len(e.enc) for e in train], cfg.batch_size, seed=cfg.seed,
-                                 num_replicas=rt.world_size, rank=rt.rank, bucketing=cfg.bucketing)
+    sampler = BucketBatchSampler(
+        [len(e.enc) for e in train],
+        cfg.batch_size,
+        seed=cfg.seed,
+        num_replicas=rt.world_size,
+        rank=rt.rank,
+        bucketing=cfg.bucketing,
+    )
     state = {"step": 0, "epoch": 0, "best": None, "best_step": None, "history": []}
     best_state = None
     ckpt = rt.latest_checkpoint()
@@ -427,21 +506,30 @@ def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None =
         best_dir = os.path.join(ckpt, "best")
         if os.path.exists(os.path.join(best_dir, "tagset.json")):
             best = load_tagset(best_dir)
-            best_state = ({n: best.tags[n] for n in setup.train_tags}, {n: best.heads[n] for n in setup.train_heads})
+            best_state = (
+                {n: best.tags[n] for n in setup.train_tags},
+                {n: best.heads[n] for n in setup.train_heads},
+            )
         state["resumed_from_step"] = state["step"]
         rt.log(f"stage {job.stage.name}: resumed from step {state['step']}")
 
     pad = setup.base.tokenizer.pad_token_id
     if state["step"] == 0 and setup.train_heads:
         # score the initial (ridge-initialised) heads too, so the best state is never worse than the probe
-        best_state = _validate_and_report(rt, job, setup, opt, state, device, autocast, [0.0], 0.0, best_state,
-                                          report=False)
+        best_state = _validate_and_report(
+            rt, job, setup, opt, state, device, autocast, [0.0], 0.0, best_state, report=False
+        )
     model.train()
     t0, tokens, losses = time.time(), 0, []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"stage {job.stage.name}",
-               disable=rt.rank != 0 or not os.environ.get("TAGRAY_PROGRESS", "1") == "1", mininterval=5)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state["step"],
+        desc=f"stage {job.stage.name}",
+        disable=rt.rank != 0 or not os.environ.get("TAGRAY_PROGRESS", "1") == "1",
+        mininterval=5,
+    )
     while state["step"] < cfg.max_steps:
         sampler.set_epoch(state["epoch"])
         batches = list(sampler)
@@ -469,10 +557,20 @@ def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None =
             bar.update(1)
             step = state["step"]
             if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f}")
+                bar.set_postfix(loss=f"{sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]):.4f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                best_state = _validate_and_report(rt, job, setup, opt, state, device, autocast, losses,
-                                                  tokens / max(time.time() - t0, 1e-9), best_state)
+                best_state = _validate_and_report(
+                    rt,
+                    job,
+                    setup,
+                    opt,
+                    state,
+                    device,
+                    autocast,
+                    losses,
+                    tokens / max(time.time() - t0, 1e-9),
+                    best_state,
+                )
             if step >= cfg.max_steps:
                 break
         else:
@@ -489,27 +587,41 @@ def run_stage(job: StageJob, runtime: Runtime | None = None, base: Base | None =
                 model.heads.get(n).copy_(t)
     test = {}
     if rt.rank == 0:
-        test = evaluate(model, setup, setup.tasks + setup.eval_tasks, "test", device, generate=True,
-                        autocast=autocast)
+        test = evaluate(
+            model, setup, setup.tasks + setup.eval_tasks, "test", device, generate=True, autocast=autocast
+        )
     metrics = {name: {"test": m, "stage": job.stage.name} for name, m in test.items()}
     final = current_tagset(setup, metrics, stage=job.stage.name)
-    final.meta = {"run": job.run_name, "base": job.base, "best_step": state.get("best_step"), "steps": state["step"],
-                  "train_config": asdict(cfg), "tasks": [td.spec.name for td in setup.tasks],
-                  "config_hash": config_hash, "resumed_from_step": state.get("resumed_from_step")}
+    final.meta = {
+        "run": job.run_name,
+        "base": job.base,
+        "best_step": state.get("best_step"),
+        "steps": state["step"],
+        "train_config": asdict(cfg),
+        "tasks": [td.spec.name for td in setup.tasks],
+        "config_hash": config_hash,
+        "resumed_from_step": state.get("resumed_from_step"),
+    }
     if rt.rank == 0 and job.output:
         save_tagset(final, job.output)
         rt.log(f"stage {job.stage.name}: artifact written to {job.output}")
     return final, test
 
 
-def _validate_and_report(rt, job, setup, opt, state, device, autocast, losses, tok_per_s, best_state,
-                         report: bool = True):
+def _validate_and_report(
+    rt, job, setup, opt, state, device, autocast, losses, tok_per_s, best_state, report: bool = True
+):
     cfg = job.stage.train
     step = state["step"]
-    metrics = {"step": step, "train_loss": sum(losses[-cfg.eval_every:]) / max(1, len(losses[-cfg.eval_every:])),
-               "tokens_per_s": tok_per_s}
+    metrics = {
+        "step": step,
+        "train_loss": sum(losses[-cfg.eval_every :]) / max(1, len(losses[-cfg.eval_every :])),
+        "tokens_per_s": tok_per_s,
+    }
     if rt.rank == 0:
-        val = evaluate(setup.model, setup, setup.tasks, "valid", device, limit=cfg.eval_rows, autocast=autocast)
+        val = evaluate(
+            setup.model, setup, setup.tasks, "valid", device, limit=cfg.eval_rows, autocast=autocast
+        )
         metrics["val_loss"] = sum(m["loss"] for m in val.values()) / max(1, len(val))
         for t, m in val.items():
             for k, v in m.items():
@@ -518,12 +630,16 @@ def _validate_and_report(rt, job, setup, opt, state, device, autocast, losses, t
         score = metrics.get(cfg.select_metric, metrics["val_loss"])
         if state["best"] is None or score < state["best"]:
             state["best"], state["best_step"] = score, step
-            best_state = ({n: setup.model.tags.get(n).detach().clone() for n in setup.train_tags},
-                          {n: setup.model.heads.get(n).detach().clone() for n in setup.train_heads})
+            best_state = (
+                {n: setup.model.tags.get(n).detach().clone() for n in setup.train_tags},
+                {n: setup.model.heads.get(n).detach().clone() for n in setup.train_heads},
+            )
         metrics["best_val"] = state["best"]
         state["history"].append({k: v for k, v in metrics.items() if not k.startswith("val/")})
-        rt.log(f"stage {job.stage.name} step {step}: train_loss {metrics['train_loss']:.4f} "
-               f"val_loss {metrics['val_loss']:.4f} ({tok_per_s:,.0f} tok/s)")
+        rt.log(
+            f"stage {job.stage.name} step {step}: train_loss {metrics['train_loss']:.4f} "
+            f"val_loss {metrics['val_loss']:.4f} ({tok_per_s:,.0f} tok/s)"
+        )
     if not report:
         return best_state
     with tempfile.TemporaryDirectory(prefix="tagray-ckpt-") as d:

@@ -53,9 +53,18 @@ def _tiny(kind: str, tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     V = len(tokenizer)
     if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                             tie_word_embeddings=True))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=V,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                tie_word_embeddings=True,
+            )
+        )
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=512))
     freeze(model)
@@ -93,12 +102,23 @@ def ray_local(s3_server):
 
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
-        env.update({"TAGRAY_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                    "TOKENIZERS_PARALLELISM": "false"})
+        env.update(
+            {
+                "TAGRAY_PROGRESS": "0",
+                "HF_HUB_OFFLINE": "1",
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+        )
         if os.environ.get("TAGRAY_CACHE"):
             env["TAGRAY_CACHE"] = os.environ["TAGRAY_CACHE"]
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=os.path.join(_TMP, "ray"),
-                 runtime_env={"env_vars": env})
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=os.path.join(_TMP, "ray"),
+            runtime_env={"env_vars": env},
+        )
     yield ray
 
 
@@ -111,8 +131,14 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-west-2",
-           "AWS_REGION": "us-west-2", "AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-west-2",
+        "AWS_REGION": "us-west-2",
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ENDPOINT_URL_S3": url,
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield url
@@ -132,5 +158,6 @@ def s3_bucket(s3_server):
 
     name = f"tagray-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-west-2").create_bucket(
-        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+    )
     return name

@@ -20,11 +20,16 @@ def make_tagset(base) -> TagSet:
     return TagSet(
         tags={"<SMILES>": mean_embedding_init(emb, 3, 0.1), "<QED>": mean_embedding_init(emb, 2, 0.1)},
         heads={"<QED>": torch.randn(1, emb.shape[1] + 1)},
-        tag_info={"<SMILES>": {"kind": "domain", "length": 3, "stage": "domain"},
-                  "<QED>": {"kind": "function", "length": 2, "stage": "single"}},
+        tag_info={
+            "<SMILES>": {"kind": "domain", "length": 3, "stage": "domain"},
+            "<QED>": {"kind": "function", "length": 2, "stage": "single"},
+        },
         head_specs={"<QED>": HeadSpec("regression", 1, (0.5,), (0.2,))},
-        base=base.fingerprint, stage="single", metrics={"qed": {"test": {"mse": 0.01}}},
-        head_stats={"<QED>": torch.stack([torch.zeros(emb.shape[1]), torch.ones(emb.shape[1])])})
+        base=base.fingerprint,
+        stage="single",
+        metrics={"qed": {"test": {"mse": 0.01}}},
+        head_stats={"<QED>": torch.stack([torch.zeros(emb.shape[1]), torch.ones(emb.shape[1])])},
+    )
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -46,7 +51,10 @@ def test_tagset_round_trip(tiny_llama, tmp_path, where, request):
         files = sorted(os.listdir(path))
         assert files == ["heads.safetensors", "tags.safetensors", "tagset.json"]
         meta = json.load(open(os.path.join(path, "tagset.json")))
-        assert meta["format"] == "tagray.tagset/1" and meta["base"]["weights_hash"] == tiny_llama.fingerprint["weights_hash"]
+        assert (
+            meta["format"] == "tagray.tagset/1"
+            and meta["base"]["weights_hash"] == tiny_llama.fingerprint["weights_hash"]
+        )
 
 
 def test_fingerprint_mismatch_is_refused(tiny_llama, tiny_gpt2, tmp_path):
@@ -61,7 +69,9 @@ def test_fingerprint_tracks_weights_not_dtype(tiny_llama):
 
     fp = tiny_llama.fingerprint
     m = copy.deepcopy(tiny_llama.model)
-    assert same_base(fingerprint(m.to(torch.bfloat16)), fp), "bf16 copy of the same weights has the same fingerprint"
+    assert same_base(fingerprint(m.to(torch.bfloat16)), fp), (
+        "bf16 copy of the same weights has the same fingerprint"
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.01)
@@ -143,7 +153,11 @@ def test_packaged_smollm2_is_a_real_pretrained_model(smollm2):
     assert smollm2.fingerprint["model_type"] == "llama" and smollm2.fingerprint["d_model"] == 576
     assert sum(p.numel() for p in smollm2.model.parameters()) > 130_000_000
     tok = smollm2.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     out = smollm2.model.generate(**ids, max_new_tokens=10, do_sample=False)
-    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1] :])

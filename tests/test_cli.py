@@ -11,7 +11,9 @@ from tagray.cli import build_parser, main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "tagray.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tagray.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_every_subcommand_has_help(capsys):
@@ -31,13 +33,16 @@ def test_tasks_lists_builtin_tasks(capsys):
     assert "qed" in out and "translate" in out and "regression" in out
 
 
-@pytest.mark.parametrize("yaml_text,field", [
-    ("name: x\nstages: []\n", "stages"),
-    ("name: x\nstages:\n  - {name: s, tasks: [qed], train: {lr: -1}}\n", "stages[0].train.lr"),
-    ("name: x\nstages:\n  - {name: s, tasks: [no_such_task]}\n", "task"),
-    ("name: x\nbogus: 1\nstages:\n  - {name: s, tasks: [qed]}\n", "bogus"),
-    ("name: [unclosed\n", "config"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,field",
+    [
+        ("name: x\nstages: []\n", "stages"),
+        ("name: x\nstages:\n  - {name: s, tasks: [qed], train: {lr: -1}}\n", "stages[0].train.lr"),
+        ("name: x\nstages:\n  - {name: s, tasks: [no_such_task]}\n", "task"),
+        ("name: x\nbogus: 1\nstages:\n  - {name: s, tasks: [qed]}\n", "bogus"),
+        ("name: [unclosed\n", "config"),
+    ],
+)
 def test_bad_pipeline_configs_exit_2_naming_the_field(tmp_path, capsys, yaml_text, field):
     p = tmp_path / "p.yaml"
     p.write_text(yaml_text)

@@ -22,8 +22,12 @@ def make_model(base, p=3, trainable=("<SMILES>", "<QED>"), heads=True):
     bank = TagBank(tags, trainable=set(trainable))
     hb = None
     if heads:
-        hb = HeadBank({"<QED>": head_init(emb, 1, g)}, {"<QED>": HeadSpec("regression", 1, (0.5,), (0.2,))},
-                      emb.shape[1], trainable={"<QED>"} & set(trainable))
+        hb = HeadBank(
+            {"<QED>": head_init(emb, 1, g)},
+            {"<QED>": HeadSpec("regression", 1, (0.5,), (0.2,))},
+            emb.shape[1],
+            trainable={"<QED>"} & set(trainable),
+        )
     return TagLLM(base.model, bank, hb)
 
 
@@ -41,8 +45,13 @@ def base(request):
 def test_parse_template_pieces():
     ps = parse_template("# In: <{src_lang}> {src} # Out: <{tgt_lang}> <Translate> {tgt}")
     kinds = [(p.kind, p.value, p.dynamic) for p in ps if p.kind != "text"]
-    assert kinds == [("tag", "src_lang", True), ("field", "src", False), ("tag", "tgt_lang", True),
-                     ("tag", "<Translate>", False), ("field", "tgt", False)]
+    assert kinds == [
+        ("tag", "src_lang", True),
+        ("field", "src", False),
+        ("tag", "tgt_lang", True),
+        ("tag", "<Translate>", False),
+        ("field", "tgt", False),
+    ]
     assert template_tags("<{l}> {x} <T>", {"l": "FR"}) == ["<FR>", "<T>"]
 
 
@@ -50,8 +59,11 @@ def test_no_tags_output_equals_base_exactly(base):
     """With no tag positions the spliced forward is the base model's forward, bit for bit."""
     model = make_model(base)
     ids = base.tokenizer.encode("CC(=O)Oc1ccccc1C(=O)O is aspirin", add_special_tokens=False)
-    batch = {"input_ids": torch.tensor([ids]), "tag_rows": torch.full((1, len(ids)), -1),
-             "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.tensor([ids]),
+        "tag_rows": torch.full((1, len(ids)), -1),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    }
     with torch.no_grad():
         ours = model.logits(batch)
         ref = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -120,8 +132,9 @@ def test_lm_loss_matches_full_logits_and_chunking(base):
     out = model(batch)
     logits = model.logits(batch)
     tgt = batch["labels"][:, 1:]
-    full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE,
-                           reduction="none").view(tgt.shape)
+    full = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(tgt.shape)
     per_row = full.sum(1) / (tgt != IGNORE).sum(1)
     assert torch.allclose(out.row_loss, per_row, atol=1e-5)
     # chunked CE (with recomputation) gives the same values and gradients
@@ -130,15 +143,20 @@ def test_lm_loss_matches_full_logits_and_chunking(base):
     a = chunked_lm_loss(h, base.model.get_output_embeddings(), y, chunk=8)
     b = F.cross_entropy(base.model.get_output_embeddings()(h), y, reduction="none")
     assert torch.allclose(a, b, atol=1e-5)
-    ga, = torch.autograd.grad(a.sum(), h)
-    gb, = torch.autograd.grad(b.sum(), h)
+    (ga,) = torch.autograd.grad(a.sum(), h)
+    (gb,) = torch.autograd.grad(b.sum(), h)
     assert torch.allclose(ga, gb, atol=1e-5)
 
 
 def test_labels_only_on_the_lm_field(tiny_llama):
     model = make_model(tiny_llama, heads=False)
-    enc = TemplateEncoder(tiny_llama.tokenizer, "# In: <SMILES> {smiles} # Out", model.tags.slots, lm_field="smiles",
-                          lm_eos=True)
+    enc = TemplateEncoder(
+        tiny_llama.tokenizer,
+        "# In: <SMILES> {smiles} # Out",
+        model.tags.slots,
+        lm_field="smiles",
+        lm_eos=True,
+    )
     e = enc.encode({"smiles": "CCO"})
     labelled = [i for i, y in enumerate(e.labels) if y != IGNORE]
     ids_cco = tiny_llama.tokenizer.encode("CCO", add_special_tokens=False)
@@ -216,4 +234,7 @@ def test_bucket_sampler_covers_all_rows_and_shards_evenly():
 
 def test_packed_bank_keeps_ddp_safe_single_parameter(tiny_llama):
     model = make_model(tiny_llama)
-    assert [p.shape for p in model.trainable_parameters()] == [(6, tiny_llama.d_model), (1, tiny_llama.d_model + 1)]
+    assert [p.shape for p in model.trainable_parameters()] == [
+        (6, tiny_llama.d_model),
+        (1, tiny_llama.d_model + 1),
+    ]

@@ -15,18 +15,41 @@ SMALL = {"train": 24, "valid": 8, "test": 8}
 
 
 def pipeline(base_dir, out, **train):
-    return parse_pipeline({
-        "name": "t", "base": base_dir, "output": str(out),
-        "train": {"max_steps": 3, "eval_every": 3, "batch_size": 4, "eval_rows": 8, "tag_length": 2,
-                  "lr": 1e-2, "probe_rows": 16, **train},
-        "stages": [
-            {"name": "domain", "tasks": [{"task": "smiles_lm", "limits": SMALL},
-                                         {"task": "protein_lm", "limits": SMALL}]},
-            {"name": "single", "tasks": [{"task": "qed", "limits": SMALL}, {"task": "amp", "limits": SMALL}]},
-            {"name": "cross", "tasks": [{"task": "tanimoto", "limits": SMALL},
-                                        {"task": "translate", "limits": SMALL}],
-             "train_tags": ["<Similarity>", "<Translate>", "<EN>", "<FR>", "<DE>", "<ES>"]},
-        ]})
+    return parse_pipeline(
+        {
+            "name": "t",
+            "base": base_dir,
+            "output": str(out),
+            "train": {
+                "max_steps": 3,
+                "eval_every": 3,
+                "batch_size": 4,
+                "eval_rows": 8,
+                "tag_length": 2,
+                "lr": 1e-2,
+                "probe_rows": 16,
+                **train,
+            },
+            "stages": [
+                {
+                    "name": "domain",
+                    "tasks": [
+                        {"task": "smiles_lm", "limits": SMALL},
+                        {"task": "protein_lm", "limits": SMALL},
+                    ],
+                },
+                {
+                    "name": "single",
+                    "tasks": [{"task": "qed", "limits": SMALL}, {"task": "amp", "limits": SMALL}],
+                },
+                {
+                    "name": "cross",
+                    "tasks": [{"task": "tanimoto", "limits": SMALL}, {"task": "translate", "limits": SMALL}],
+                    "train_tags": ["<Similarity>", "<Translate>", "<EN>", "<FR>", "<DE>", "<ES>"],
+                },
+            ],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +71,10 @@ def test_three_stages_chain_and_freeze(three_stages):
     for n in ("<QED>", "<AMP>"):
         assert torch.equal(s.tags[n], c.tags[n]) and torch.equal(s.heads[n], c.heads[n])
     assert s.tag_info["<SMILES>"]["stage"] == "domain" and s.tag_info["<QED>"]["kind"] == "function"
-    assert s.head_specs["<AMP>"].kind == "classification" and s.head_specs["<AMP>"].classes == ("AMP", "UniProt")
+    assert s.head_specs["<AMP>"].kind == "classification" and s.head_specs["<AMP>"].classes == (
+        "AMP",
+        "UniProt",
+    )
     # each stage recorded its test metrics
     assert "mse" in s.metrics["qed"]["test"] and "accuracy" in s.metrics["amp"]["test"]
     assert "perplexity" in d.metrics["smiles_lm"]["test"] and "bleu" in c.metrics["translate"]["test"]
@@ -78,14 +104,32 @@ def test_resume_from_checkpoint_continues_the_run(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_learns_a_domain_tag(smollm2):
     """Training the real SmolLM2's <SMILES> tag lowers the held-out LM loss on real molecules."""
-    cfg = parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": [
-        {"task": "smiles_lm", "limits": {"train": 64, "valid": 16, "test": 8}}]}],
-        "train": {"max_steps": 12, "eval_every": 6, "batch_size": 4, "eval_rows": 16, "tag_length": 4, "lr": 1e-2}})
+    cfg = parse_pipeline(
+        {
+            "name": "x",
+            "stages": [
+                {
+                    "name": "s",
+                    "tasks": [{"task": "smiles_lm", "limits": {"train": 64, "valid": 16, "test": 8}}],
+                }
+            ],
+            "train": {
+                "max_steps": 12,
+                "eval_every": 6,
+                "batch_size": 4,
+                "eval_rows": 16,
+                "tag_length": 4,
+                "lr": 1e-2,
+            },
+        }
+    )
     job = StageJob(stage=cfg.stages[0])
     from tagray.stage import build_setup, evaluate
 
     setup = build_setup(job, smollm2)
-    before = evaluate(setup.model, setup, setup.tasks, "valid", torch.device("cpu"), limit=16)["smiles_lm"]["loss"]
+    before = evaluate(setup.model, setup, setup.tasks, "valid", torch.device("cpu"), limit=16)["smiles_lm"][
+        "loss"
+    ]
     rt = Runtime()
     run_stage(job, rt, base=smollm2)
     after = rt.reports[-1]["val/smiles_lm/loss"]
@@ -101,10 +145,16 @@ def test_stage_config_errors_name_the_key(tiny_llama):
         parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": ["qed"], "train": {"tag_length": 0}}]})
     assert e.value.field == "stages[0].train.tag_length"
     with pytest.raises(ConfigError) as e:
-        parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": ["qed"], "train": {"max_steps": "many"}}]})
+        parse_pipeline(
+            {"name": "x", "stages": [{"name": "s", "tasks": ["qed"], "train": {"max_steps": "many"}}]}
+        )
     assert e.value.field == "stages[0].train.max_steps"
-    cfg = parse_pipeline({"name": "x", "stages": [{"name": "s", "tasks": [{"task": "qed", "limits": SMALL}],
-                                                   "train_tags": ["<Nope>"]}]})
+    cfg = parse_pipeline(
+        {
+            "name": "x",
+            "stages": [{"name": "s", "tasks": [{"task": "qed", "limits": SMALL}], "train_tags": ["<Nope>"]}],
+        }
+    )
     with pytest.raises(ConfigError) as e:
         run_stage(StageJob(stage=cfg.stages[0]), Runtime(), base=tiny_llama)
     assert e.value.field == "train_tags"

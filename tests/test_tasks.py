@@ -20,13 +20,39 @@ USER_TASK = {
     "target": {"kind": "regression", "columns": ["activity"]},
     "split": {"key": "smiles", "valid": 0.2, "test": 0.2},
 }
-ROWS = [{"smiles": s, "activity": float(i)} for i, s in enumerate(
-    ["CCO", "CCN", "CCC", "c1ccccc1", "CC(=O)O", "CCOC", "CCCl", "C1CCCCC1", "CC(C)O", "CCS", "not-a-smiles"])]
+ROWS = [
+    {"smiles": s, "activity": float(i)}
+    for i, s in enumerate(
+        [
+            "CCO",
+            "CCN",
+            "CCC",
+            "c1ccccc1",
+            "CC(=O)O",
+            "CCOC",
+            "CCCl",
+            "C1CCCCC1",
+            "CC(C)O",
+            "CCS",
+            "not-a-smiles",
+        ]
+    )
+]
 
 
 def test_every_builtin_task_loads_real_rows_with_fixed_splits():
     names = builtin_tasks()
-    assert {"smiles_lm", "protein_lm", "lang_lm", "qed", "logp", "descriptor", "translate", "tanimoto", "amp"} <= set(names)
+    assert {
+        "smiles_lm",
+        "protein_lm",
+        "lang_lm",
+        "qed",
+        "logp",
+        "descriptor",
+        "translate",
+        "tanimoto",
+        "amp",
+    } <= set(names)
     for n in ["qed", "descriptor", "lang_lm", "translate"]:
         td = build_task_data(load_task(n))
         assert all(len(td.splits[s]) > 0 for s in ("train", "valid", "test"))
@@ -71,8 +97,11 @@ def test_user_task_over_local_files(tmp_path, fmt):
 
     path = tmp_path / f"assay.{fmt}"
     df = pd.DataFrame(ROWS)
-    {"csv": lambda: df.to_csv(path, index=False), "jsonl": lambda: df.to_json(path, orient="records", lines=True),
-     "parquet": lambda: df.to_parquet(path)}[fmt]()
+    {
+        "csv": lambda: df.to_csv(path, index=False),
+        "jsonl": lambda: df.to_json(path, orient="records", lines=True),
+        "parquet": lambda: df.to_parquet(path),
+    }[fmt]()
     td = build_task_data(parse_task({**USER_TASK, "source": {"path": str(path)}}))
     assert sum(len(v) for v in td.splits.values()) == 10
     assert td.tags() == ["<SMILES>", "<Act>"]
@@ -83,8 +112,10 @@ def test_user_task_yaml_and_data_on_s3(s3_bucket, tmp_path):
     import yaml
 
     fs = fsspec.filesystem("s3")
-    fs.pipe(f"{s3_bucket}/data/assay.csv", ("smiles,activity\n" + "".join(
-        f"{r['smiles']},{r['activity']}\n" for r in ROWS)).encode())
+    fs.pipe(
+        f"{s3_bucket}/data/assay.csv",
+        ("smiles,activity\n" + "".join(f"{r['smiles']},{r['activity']}\n" for r in ROWS)).encode(),
+    )
     task = {**USER_TASK, "source": {"path": f"s3://{s3_bucket}/data/assay.csv"}}
     fs.pipe(f"{s3_bucket}/tasks/assay.yaml", yaml.safe_dump(task).encode())
     spec = load_task(f"s3://{s3_bucket}/tasks/assay.yaml")
@@ -92,15 +123,18 @@ def test_user_task_yaml_and_data_on_s3(s3_bucket, tmp_path):
     assert sum(len(v) for v in td.splits.values()) == 10
 
 
-@pytest.mark.parametrize("patch,field", [
-    ({"target": {"kind": "regression", "columns": ["nope"]}}, "columns"),
-    ({"template": "no tags here {smiles}"}, "template"),
-    ({"function_tag": "<Other>"}, "function_tag"),
-    ({"target": {"kind": "magic"}}, "target.kind"),
-    ({"typo_key": 1}, "typo_key"),
-    ({"source": {"path": "/does/not/exist.csv"}}, "source.path"),
-    ({"fields": {"smiles": {"type": "dna"}}}, "fields.smiles.type"),
-])
+@pytest.mark.parametrize(
+    "patch,field",
+    [
+        ({"target": {"kind": "regression", "columns": ["nope"]}}, "columns"),
+        ({"template": "no tags here {smiles}"}, "template"),
+        ({"function_tag": "<Other>"}, "function_tag"),
+        ({"target": {"kind": "magic"}}, "target.kind"),
+        ({"typo_key": 1}, "typo_key"),
+        ({"source": {"path": "/does/not/exist.csv"}}, "source.path"),
+        ({"fields": {"smiles": {"type": "dna"}}}, "fields.smiles.type"),
+    ],
+)
 def test_bad_task_configs_name_the_field(tmp_path, patch, field):
     path = tmp_path / "a.csv"
     path.write_text("smiles,activity\nCCO,1\nCCN,2\nCCC,3\n")

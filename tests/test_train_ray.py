@@ -28,20 +28,35 @@ SMALL = {"train": 16, "valid": 4, "test": 4}
 
 
 def tiny_pipeline(base_dir, output, **scaling):
-    return parse_pipeline({
-        "name": "raytest", "base": base_dir, "output": output,
-        "train": {"max_steps": 4, "eval_every": 2, "batch_size": 2, "eval_rows": 4, "tag_length": 2, "probe_rows": 8},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2, **scaling},
-        "stages": [{"name": "domain", "tasks": [{"task": "smiles_lm", "limits": SMALL}]},
-                   {"name": "single", "tasks": [{"task": "qed", "limits": SMALL}]}]})
+    return parse_pipeline(
+        {
+            "name": "raytest",
+            "base": base_dir,
+            "output": output,
+            "train": {
+                "max_steps": 4,
+                "eval_every": 2,
+                "batch_size": 2,
+                "eval_rows": 4,
+                "tag_length": 2,
+                "probe_rows": 8,
+            },
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2, **scaling},
+            "stages": [
+                {"name": "domain", "tasks": [{"task": "smiles_lm", "limits": SMALL}]},
+                {"name": "single", "tasks": [{"task": "qed", "limits": SMALL}]},
+            ],
+        }
+    )
 
 
 def test_worker_killed_mid_stage_resumes_from_checkpoint(ray_local, tiny_base_dir, tmp_path):
     cfg = tiny_pipeline(tiny_base_dir, str(tmp_path), num_workers=2)
     job, h, _ = plan(cfg)[0]
     marker = str(tmp_path / "killed")
-    result = fit_stage(job, storage=str(tmp_path / "_ray"), config_hash=h,
-                       extra={"fail_at_step": 2, "fail_marker": marker})
+    result = fit_stage(
+        job, storage=str(tmp_path / "_ray"), config_hash=h, extra={"fail_at_step": 2, "fail_marker": marker}
+    )
     assert os.path.exists(marker), "the worker was killed once"
     assert result.error is None
     ts = load_tagset(job.output)
@@ -79,13 +94,25 @@ def test_s3_storage_and_stage_chaining_through_s3(ray_local, tiny_base_dir, s3_b
 
 
 def test_two_workers_on_two_nodes(tiny_base_dir, tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "multinode_stage.py"),
-                          tiny_base_dir, str(tmp_path)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="tr", dir="/tmp")}, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tests", "scripts", "multinode_stage.py"),
+            tiny_base_dir,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="tr", dir="/tmp")},
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert doc["cluster_nodes"] == 3
-    assert len(doc["nodes"]) == 2 and len(set(doc["nodes"].values())) == 2, "STRICT_SPREAD put ranks on 2 nodes"
+    assert len(doc["nodes"]) == 2 and len(set(doc["nodes"].values())) == 2, (
+        "STRICT_SPREAD put ranks on 2 nodes"
+    )
     assert load_tagset(doc["path"]).meta["steps"] == 2
 
 
@@ -112,29 +139,73 @@ def test_ray_job_submit_smoke_pipeline(tiny_base_dir, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="trh", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": temp_dir,
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "RAY_TMPDIR": temp_dir,
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    start = subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--temp-dir", temp_dir,
-                            "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                            "--include-dashboard", "true", "--disable-usage-stats",
-                            # every port explicit: another Ray on this machine (e.g. the shared test
-                            # instance) already holds the default agent ports
-                            "--dashboard-agent-listen-port", str(free_port()),
-                            "--dashboard-agent-grpc-port", str(free_port()),
-                            "--runtime-env-agent-port", str(free_port()),
-                            "--metrics-export-port", str(free_port())],
-                           capture_output=True, text=True, timeout=180, env=env)
+    start = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            temp_dir,
+            "--port",
+            str(free_port()),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+            # every port explicit: another Ray on this machine (e.g. the shared test
+            # instance) already holds the default agent ports
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         out = tmp_path / "runs"
-        cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", REPO,
-               "--", "python", "jobs/pipeline.py", "jobs/smoke.yaml", "--set", f"base={tiny_base_dir}",
-               "--set", f"output={out}"]
+        cmd = [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            REPO,
+            "--",
+            "python",
+            "jobs/pipeline.py",
+            "jobs/smoke.yaml",
+            "--set",
+            f"base={tiny_base_dir}",
+            "--set",
+            f"output={out}",
+        ]
         t = time.time()
-        for _ in range(20):  # the dashboard's job agent needs a few seconds after `ray start` on a busy machine
+        for _ in range(
+            20
+        ):  # the dashboard's job agent needs a few seconds after `ray start` on a busy machine
             sub = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
             if "No available agent" not in sub.stderr + sub.stdout:
                 break

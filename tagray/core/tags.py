@@ -107,13 +107,23 @@ class HeadSpec:
     classes: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "out_dim": self.out_dim, "mean": list(self.mean), "std": list(self.std),
-                "classes": list(self.classes)}
+        return {
+            "kind": self.kind,
+            "out_dim": self.out_dim,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "classes": list(self.classes),
+        }
 
     @classmethod
     def from_json(cls, d: Mapping) -> HeadSpec:
-        return cls(d["kind"], int(d["out_dim"]), tuple(d.get("mean", ())), tuple(d.get("std", ())),
-                   tuple(d.get("classes", ())))
+        return cls(
+            d["kind"],
+            int(d["out_dim"]),
+            tuple(d.get("mean", ())),
+            tuple(d.get("std", ())),
+            tuple(d.get("classes", ())),
+        )
 
 
 class HeadBank(PackedTable):
@@ -128,8 +138,14 @@ class HeadBank(PackedTable):
     trainable head used; each row then reads its own slice.
     """
 
-    def __init__(self, heads: Mapping[str, torch.Tensor], specs: Mapping[str, HeadSpec], d_model: int,
-                 trainable: set[str] | None = None, stats: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        heads: Mapping[str, torch.Tensor],
+        specs: Mapping[str, HeadSpec],
+        d_model: int,
+        trainable: set[str] | None = None,
+        stats: Mapping[str, torch.Tensor] | None = None,
+    ):
         super().__init__(heads, set(trainable or ()), width=d_model + 1)
         self.specs = dict(specs)
         missing = set(heads) - set(specs)
@@ -158,8 +174,10 @@ class HeadBank(PackedTable):
 
     def stats(self) -> dict[str, torch.Tensor]:
         """name -> ``(2, d)`` stacked (mu, sd) of its first row (all rows of a head share them)."""
-        return {n: torch.stack([self.feat_mu[s.start], self.feat_sd[s.start]]).cpu().contiguous()
-                for n, s in self.slots.items()}
+        return {
+            n: torch.stack([self.feat_mu[s.start], self.feat_sd[s.start]]).cpu().contiguous()
+            for n, s in self.slots.items()
+        }
 
     def cols(self, name: str) -> slice:
         s = self.slots[name]
@@ -170,8 +188,9 @@ class HeadBank(PackedTable):
 
 
 @torch.no_grad()
-def mean_embedding_init(embedding: torch.Tensor, length: int, noise: float = 0.0,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+def mean_embedding_init(
+    embedding: torch.Tensor, length: int, noise: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The paper's tag init: every vector = the mean token embedding, rescaled to the average token norm.
 
     Args:
@@ -193,7 +212,9 @@ def mean_embedding_init(embedding: torch.Tensor, length: int, noise: float = 0.0
 
 
 @torch.no_grad()
-def head_init(embedding: torch.Tensor, out_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def head_init(
+    embedding: torch.Tensor, out_dim: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Head rows ``(out_dim, d+1)``: small weights along the mean-embedding direction plus noise, bias 0.
 
     Bias 0 on standardised targets means the untrained head predicts the training mean.

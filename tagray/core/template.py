@@ -92,9 +92,20 @@ class TemplateEncoder:
         add_bos: prepend the tokenizer's BOS token when it has one.
     """
 
-    def __init__(self, tokenizer, template: str, slots: Mapping, *, char_fields=(), lm_field=None,
-                 lm_eos=False, head_tag=None, rename: Mapping[str, str] | None = None, max_length=512,
-                 add_bos=True):
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        slots: Mapping,
+        *,
+        char_fields=(),
+        lm_field=None,
+        lm_eos=False,
+        head_tag=None,
+        rename: Mapping[str, str] | None = None,
+        max_length=512,
+        add_bos=True,
+    ):
         self.tok = tokenizer
         self.template = template
         self.pieces = parse_template(template)
@@ -137,7 +148,12 @@ class TemplateEncoder:
         Args:
             with_target: when False, stop before ``lm_field`` (a generation prompt).
         """
-        ids, tag_rows, labels, span = list(self.prefix), [-1] * len(self.prefix), [IGNORE] * len(self.prefix), [0] * len(self.prefix)
+        ids, tag_rows, labels, span = (
+            list(self.prefix),
+            [-1] * len(self.prefix),
+            [IGNORE] * len(self.prefix),
+            [0] * len(self.prefix),
+        )
         head_pos, span_id, in_span = -1, 0, False
         lengths: dict[str, int] = {}
         for i, p in enumerate(self.pieces):
@@ -158,8 +174,15 @@ class TemplateEncoder:
                 s = self.slots[name]
                 nxt = self.pieces[i + 1] if i + 1 < len(self.pieces) else None
                 # a tag followed by data (optionally after a space) opens an isolated span
-                opens = nxt is not None and (nxt.kind == "field" or (nxt.kind == "text" and not nxt.value.strip()
-                                             and i + 2 < len(self.pieces) and self.pieces[i + 2].kind == "field"))
+                opens = nxt is not None and (
+                    nxt.kind == "field"
+                    or (
+                        nxt.kind == "text"
+                        and not nxt.value.strip()
+                        and i + 2 < len(self.pieces)
+                        and self.pieces[i + 2].kind == "field"
+                    )
+                )
                 if opens:
                     span_id += 1
                     in_span = True

@@ -36,7 +36,13 @@ def export_state(model: nn.Module) -> dict:
         arrays[key] = (cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu).numpy()
         names[key] = [name]
         kinds[key] = kind
-    return {"config": model.config.to_dict(), "arrays": arrays, "names": names, "dtypes": dtypes, "kinds": kinds}
+    return {
+        "config": model.config.to_dict(),
+        "arrays": arrays,
+        "names": names,
+        "dtypes": dtypes,
+        "kinds": kinds,
+    }
 
 
 def _tensor(arr: np.ndarray, dtype: str) -> torch.Tensor:

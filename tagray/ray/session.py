@@ -10,15 +10,27 @@ import ray
 log = logging.getLogger("tagray")
 
 # passed to every worker and replica: quiet progress bars, offline hub, no preemption watcher
-WORKER_ENV = {"TAGRAY_PROGRESS": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "TOKENIZERS_PARALLELISM": "false"}
+WORKER_ENV = {
+    "TAGRAY_PROGRESS": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     env = dict(WORKER_ENV)
-    for k in ("TAGRAY_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION"):
+    for k in (
+        "TAGRAY_CACHE",
+        "HF_HUB_OFFLINE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+    ):
         if os.environ.get(k):
             env[k] = os.environ[k]
     address = address or os.environ.get("RAY_ADDRESS")

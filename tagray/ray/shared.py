@@ -37,8 +37,12 @@ class BaseOwner:
 
     def info(self) -> dict:
         # the ref travels inside a list so Ray hands it over as a reference, not as resolved arrays
-        return {"refs": [self.ref], "tokenizer_files": self.tokenizer_files, "fingerprint": self.fingerprint,
-                "name": self.name}
+        return {
+            "refs": [self.ref],
+            "tokenizer_files": self.tokenizer_files,
+            "fingerprint": self.fingerprint,
+            "name": self.name,
+        }
 
     def ready(self) -> bool:
         return True
@@ -50,8 +54,9 @@ def owner_name(name: str, dtype: str) -> str:
 
 def get_base_owner(name: str, dtype: str = "float32"):
     """The cluster's owner of ``(name, dtype)``, created on first use (detached, shared by every job)."""
-    actor = BaseOwner.options(name=owner_name(name, dtype), namespace=NAMESPACE, lifetime="detached",
-                              get_if_exists=True).remote(name, dtype)
+    actor = BaseOwner.options(
+        name=owner_name(name, dtype), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(name, dtype)
     ray.get(actor.ready.remote())
     return actor
 

@@ -42,11 +42,13 @@ class RayTrainRuntime(Runtime):
         if self.world_size == 1:
             return model.to(self.device)
         if self.strategy == "fsdp":
-            return ray.train.torch.prepare_model(model, parallel_strategy="fsdp",
-                                                 parallel_strategy_kwargs={"use_orig_params": True})
+            return ray.train.torch.prepare_model(
+                model, parallel_strategy="fsdp", parallel_strategy_kwargs={"use_orig_params": True}
+            )
         # DDP syncs only the tag and head tables; the frozen base is identical on every rank already.
-        model._ddp_params_and_buffers_to_ignore = [n for n, _ in model.named_parameters() if n.startswith("base.")] + [
-            n for n, _ in model.named_buffers() if n.startswith("base.")]
+        model._ddp_params_and_buffers_to_ignore = [
+            n for n, _ in model.named_parameters() if n.startswith("base.")
+        ] + [n for n, _ in model.named_buffers() if n.startswith("base.")]
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
@@ -83,7 +85,12 @@ def _install_failure(rt: RayTrainRuntime, step: int, marker: str | None) -> None
 
     def report(metrics, checkpoint_dir):
         # die at the first report after `step` (so the step checkpoint was registered long before)
-        if metrics.get("step", 0) > step and rt.rank == rt.world_size - 1 and marker and not os.path.exists(marker):
+        if (
+            metrics.get("step", 0) > step
+            and rt.rank == rt.world_size - 1
+            and marker
+            and not os.path.exists(marker)
+        ):
             open(marker, "w").close()
             time.sleep(5)  # let the controller register the last checkpoint (it polls workers periodically)
             os._exit(1)  # a hard crash, as a lost node or OOM-killed worker would look
@@ -96,8 +103,15 @@ def abs_storage(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def fit_stage(job: StageJob, storage: str, *, share_base: bool = True, extra: dict | None = None,
-              config_hash: str | None = None, callbacks: list | None = None) -> ray.train.Result:
+def fit_stage(
+    job: StageJob,
+    storage: str,
+    *,
+    share_base: bool = True,
+    extra: dict | None = None,
+    config_hash: str | None = None,
+    callbacks: list | None = None,
+) -> ray.train.Result:
     """Run one stage on the cluster and return Ray's ``Result``; the artifact is at ``job.output``.
 
     Args:
@@ -114,21 +128,32 @@ def fit_stage(job: StageJob, storage: str, *, share_base: bool = True, extra: di
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     info = base_info(job.base, job.dtype) if share_base else None
-    jd = {"stage": to_dict(st), "base": job.base, "dtype": job.dtype, "init_from": job.init_from,
-          "output": job.output, "run_name": job.run_name}
+    jd = {
+        "stage": to_dict(st),
+        "base": job.base,
+        "dtype": job.dtype,
+        "init_from": job.init_from,
+        "output": job.output,
+        "run_name": job.run_name,
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": jd, "base": info, "config_hash": config_hash, **(extra or {})},
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=sc.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=sc.placement_strategy,
+        ),
         run_config=RunConfig(
             name=f"{job.run_name}-{st.name}",
             storage_path=abs_storage(storage),
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": {"TAGRAY_PROGRESS": "0",
-                                             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+            worker_runtime_env={
+                "env_vars": {"TAGRAY_PROGRESS": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+            },
         ),
     )
     return trainer.fit()

@@ -69,9 +69,15 @@ class TuneSettings:
 
     def __post_init__(self):
         tl = self.tag_length
-        if (not isinstance(tl, list) or not tl or len(set(tl)) != len(tl)
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in tl)):
-            raise ConfigError("tag_length", f"expected a list of distinct integers >= 1, e.g. [1, 2, 5, 10, 20]; got {tl!r}")
+        if (
+            not isinstance(tl, list)
+            or not tl
+            or len(set(tl)) != len(tl)
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in tl)
+        ):
+            raise ConfigError(
+                "tag_length", f"expected a list of distinct integers >= 1, e.g. [1, 2, 5, 10, 20]; got {tl!r}"
+            )
         try:
             lo, hi = (float(v) for v in self.lr)  # YAML reads 1e-4 (no dot) as a string
         except (TypeError, ValueError):
@@ -87,14 +93,18 @@ class TuneSettings:
         if not self.metric:
             raise ConfigError("metric", "a metric name is required, e.g. val_loss")
         if self.multi_objective and self.asha not in (None, False):
-            raise ConfigError("asha", "ASHA needs a scalar metric: drop it (or set false) with multi_objective")
+            raise ConfigError(
+                "asha", "ASHA needs a scalar metric: drop it (or set false) with multi_objective"
+            )
         asha = None
         if self.asha is True or (self.asha is None and not self.multi_objective):
             asha = dict(ASHA_DEFAULTS)
         elif isinstance(self.asha, dict):
             unknown = set(self.asha) - set(ASHA_DEFAULTS)
             if unknown:
-                raise ConfigError(f"asha.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(ASHA_DEFAULTS)}")
+                raise ConfigError(
+                    f"asha.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(ASHA_DEFAULTS)}"
+                )
             asha = {**ASHA_DEFAULTS, **self.asha}
             for k, lo_ in (("grace_period", 1), ("reduction_factor", 2), ("max_t", 2)):
                 v = asha[k]
@@ -122,7 +132,9 @@ def _abs(path: str) -> str:
 
 
 def _base(cfg: PipelineConfig) -> str:
-    return os.path.abspath(cfg.base) if os.path.exists(cfg.base) else cfg.base  # trials chdir to their own dir
+    return (
+        os.path.abspath(cfg.base) if os.path.exists(cfg.base) else cfg.base
+    )  # trials chdir to their own dir
 
 
 def parse_tune(raw: dict) -> tuple[PipelineConfig, TuneSettings]:
@@ -178,20 +190,43 @@ def plan_searches(cfg: PipelineConfig, ts: TuneSettings) -> list[Search]:
         tr = replace(tr, max_steps=ts.asha["max_t"] * tr.eval_every)  # ASHA's budget = the trial's length
     evals = math.ceil(tr.max_steps / tr.eval_every)
     if ts.asha and evals <= ts.asha["grace_period"]:
-        raise ConfigError("tune.asha.grace_period", f"must be below the {evals} evaluation(s) of a trial "
-                          "(train.max_steps / train.eval_every), or ASHA can never stop one")
+        raise ConfigError(
+            "tune.asha.grace_period",
+            f"must be below the {evals} evaluation(s) of a trial "
+            "(train.max_steps / train.eval_every), or ASHA can never stop one",
+        )
     out = []
     for name in names:
         entry, spec = entries[name]
         metric = ts.metric.replace("{task}", name)
         own = set(template_tags(spec.template)) | {spec.function_tag}
-        st = replace(stage, tasks=[entry], eval_tasks=[],
-                     train_tags=None if stage.train_tags is None else [t for t in stage.train_tags if t in own],
-                     # the artifact keeps the best state by this metric (select_metric is lower-is-better)
-                     train=replace(tr, select_metric=metric) if ts.mode == "min" else tr)
-        doc = {"stage": to_dict(st), "base": cfg.base, "dtype": cfg.dtype, "init": init, "tune": {
-            k: getattr(ts, k) for k in ("num_samples", "tag_length", "lr", "metric", "mode", "asha", "seed",
-                                        "multi_objective")}}
+        st = replace(
+            stage,
+            tasks=[entry],
+            eval_tasks=[],
+            train_tags=None if stage.train_tags is None else [t for t in stage.train_tags if t in own],
+            # the artifact keeps the best state by this metric (select_metric is lower-is-better)
+            train=replace(tr, select_metric=metric) if ts.mode == "min" else tr,
+        )
+        doc = {
+            "stage": to_dict(st),
+            "base": cfg.base,
+            "dtype": cfg.dtype,
+            "init": init,
+            "tune": {
+                k: getattr(ts, k)
+                for k in (
+                    "num_samples",
+                    "tag_length",
+                    "lr",
+                    "metric",
+                    "mode",
+                    "asha",
+                    "seed",
+                    "multi_objective",
+                )
+            },
+        }
         h = hashlib.blake2b(json.dumps(doc, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
         out.append(Search(name, f"{stage.name}-{name}-{h}", st, init, metric, evals))
     return out
@@ -206,7 +241,9 @@ def concurrency(stage: StageConfig, ts: TuneSettings) -> int:
     if sc.use_gpu:
         n = min(n, math.floor(total.get("GPU", 0) / (sc.num_workers * sc.gpus_per_worker) + 1e-9))
     if n < 1:
-        log.warning("tune: one trial needs more than the cluster has now (%s); waiting for the autoscaler", total)
+        log.warning(
+            "tune: one trial needs more than the cluster has now (%s); waiting for the autoscaler", total
+        )
     return max(1, min(n, ts.max_concurrent or n, ts.num_samples))
 
 
@@ -234,7 +271,7 @@ def _asha(path: str, **kw):
             fs, p = fsspec.core.url_to_fs(path)
             if not getattr(self, "_loaded", False) and fs.exists(p):
                 saved = json.loads(fs.cat_file(p))
-                for (milestone, rec) in self._brackets[0]._rungs:
+                for milestone, rec in self._brackets[0]._rungs:
                     rec.update(saved.get(str(milestone), {}))
             self._loaded = True
             super().on_trial_add(controller, trial)
@@ -269,19 +306,32 @@ def _trial(config: dict, ctx: dict) -> None:
     p, lr = int(config["tag_length"]), float(config["lr"])
     st = replace(st, train=replace(st.train, tag_length=p, lr=lr))
     out, metric = f"{ctx['artifacts']}/{tid}", ctx["metric"]
-    h = hashlib.blake2b(json.dumps(to_dict(st), sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
+    h = hashlib.blake2b(
+        json.dumps(to_dict(st), sort_keys=True, default=str).encode(), digest_size=4
+    ).hexdigest()
     fs, root = fsspec.core.url_to_fs(out)
     if is_tagset(out) and fs.exists(root + "/trial.json") and load_tagset(out).meta.get("config_hash") == h:
         summary = json.loads(fs.cat_file(root + "/trial.json"))  # finished before a driver restart
     else:
         job = StageJob(st, ctx["base"], ctx["dtype"], ctx["init_from"], out, f"{ctx['exp']}-{tid}")
-        res = fit_stage(job, ctx["train_storage"], config_hash=h, callbacks=[_report_callback({"tag_length": p})])
+        res = fit_stage(
+            job, ctx["train_storage"], config_hash=h, callbacks=[_report_callback({"tag_length": p})]
+        )
         m = res.metrics or {}
         test = load_tagset(out).metrics
-        summary = {metric: m["best_val"] if st.train.select_metric == metric else m.get(metric),
-                   "tag_length": p, "lr": lr, "artifact": out, DONE: 1,
-                   **{f"test/{t}/{k}": v for t, d in test.items() for k, v in d.get("test", {}).items()
-                      if isinstance(v, (int, float))}}
+        summary = {
+            metric: m["best_val"] if st.train.select_metric == metric else m.get(metric),
+            "tag_length": p,
+            "lr": lr,
+            "artifact": out,
+            DONE: 1,
+            **{
+                f"test/{t}/{k}": v
+                for t, d in test.items()
+                for k, v in d.get("test", {}).items()
+                if isinstance(v, (int, float))
+            },
+        }
         with fs.open(root + "/trial.json", "w") as f:
             json.dump(summary, f)
     tune.report(summary)  # the searcher learns the value of the state the artifact holds
@@ -298,13 +348,27 @@ def _rows(grid, s: Search, ts: TuneSettings) -> list[dict]:
             evals = df[df[DONE].isna()] if DONE in df else df
             hist = [float(v) for v in evals[s.metric] if not pd.isna(v)]
         status = "error" if r.error else "completed" if m.get(DONE) else "stopped"
-        value = m.get(s.metric) if status == "completed" else (min if ts.mode == "min" else max)(hist, default=None)
+        value = (
+            m.get(s.metric)
+            if status == "completed"
+            else (min if ts.mode == "min" else max)(hist, default=None)
+        )
         cfg, tid = r.config or {}, m.get("trial_id") or os.path.basename(r.path)
         n = re.search(rf"_{tid}_(\d+)_", os.path.basename(r.path))  # Tune's trial dir: <fn>_<id>_<number>_...
-        rows.append({"number": int(n.group(1)) if n else len(rows) + 1, "trial": tid,
-                     "tag_length": cfg.get("tag_length"), "lr": cfg.get("lr"), "value": value, "evals": len(hist),
-                     "status": status, "artifact": m.get("artifact"), "history": hist,
-                     **{k: v for k, v in m.items() if k.startswith("test/")}})
+        rows.append(
+            {
+                "number": int(n.group(1)) if n else len(rows) + 1,
+                "trial": tid,
+                "tag_length": cfg.get("tag_length"),
+                "lr": cfg.get("lr"),
+                "value": value,
+                "evals": len(hist),
+                "status": status,
+                "artifact": m.get("artifact"),
+                "history": hist,
+                **{k: v for k, v in m.items() if k.startswith("test/")},
+            }
+        )
     return sorted(rows, key=lambda r: r["number"])
 
 
@@ -321,11 +385,20 @@ def _history(rows: list[dict], s: Search, ts: TuneSettings):
             best = r["value"] if best is None else (min if ts.mode == "min" else max)(best, r["value"])
         curve.append(best)
         if r["value"] is not None:
-            a1.scatter(r["number"], r["value"], marker="o" if r["status"] == "completed" else "x",
-                       color=colors.get(r["tag_length"], "grey"))
+            a1.scatter(
+                r["number"],
+                r["value"],
+                marker="o" if r["status"] == "completed" else "x",
+                color=colors.get(r["tag_length"], "grey"),
+            )
         ev = range(1, len(r["history"]) + 1)
-        a2.plot(ev, r["history"], "-" if r["status"] == "completed" else "--", marker=".",
-                color=colors.get(r["tag_length"], "grey"))
+        a2.plot(
+            ev,
+            r["history"],
+            "-" if r["status"] == "completed" else "--",
+            marker=".",
+            color=colors.get(r["tag_length"], "grey"),
+        )
     a1.step([r["number"] for r in rows], curve, where="post", color="red", label="best finished trial")
     for p, c in colors.items():
         a2.plot([], [], color=c, label=f"p={p}")
@@ -354,14 +427,29 @@ def _export(rows: list[dict], s: Search, ts: TuneSettings, d: str) -> dict:
     dirs = ["minimize" if ts.mode == "min" else "maximize"] + (["minimize"] if ts.multi_objective else [])
     study = optuna.create_study(storage=f"sqlite:///{d}/study.db", study_name=s.name, directions=dirs)
     for r in rows:  # ASHA-stopped trials are recorded as pruned, with their validation curve
-        state = {"completed": TrialState.COMPLETE, "stopped": TrialState.PRUNED, "error": TrialState.FAIL}[r["status"]]
-        values = ([r["value"], r["tag_length"]] if ts.multi_objective else [r["value"]]) if r["status"] == "completed" else None
-        study.add_trial(optuna.trial.create_trial(
-            state=state, values=values, params={"tag_length": r["tag_length"], "lr": r["lr"]}, distributions=dists,
-            user_attrs={"tune_trial": r["trial"]},
-            intermediate_values=None if ts.multi_objective else dict(enumerate(r["history"], 1))))
+        state = {"completed": TrialState.COMPLETE, "stopped": TrialState.PRUNED, "error": TrialState.FAIL}[
+            r["status"]
+        ]
+        values = (
+            ([r["value"], r["tag_length"]] if ts.multi_objective else [r["value"]])
+            if r["status"] == "completed"
+            else None
+        )
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                values=values,
+                params={"tag_length": r["tag_length"], "lr": r["lr"]},
+                distributions=dists,
+                user_attrs={"tune_trial": r["trial"]},
+                intermediate_values=None if ts.multi_objective else dict(enumerate(r["history"], 1)),
+            )
+        )
     target = (lambda t: t.values[0]) if ts.multi_objective else None
-    plots = {"history": lambda: _history(rows, s, ts), "importance": lambda: ovm.plot_param_importances(study, target=target, target_name=s.metric)}
+    plots = {
+        "history": lambda: _history(rows, s, ts),
+        "importance": lambda: ovm.plot_param_importances(study, target=target, target_name=s.metric),
+    }
     if ts.multi_objective:
         plots["pareto"] = lambda: ovm.plot_pareto_front(study, target_names=[s.metric, "tag_length"])
     made = {}
@@ -370,7 +458,11 @@ def _export(rows: list[dict], s: Search, ts: TuneSettings, d: str) -> dict:
             warnings.simplefilter("ignore")  # optuna's matplotlib backend is "experimental"
             try:
                 ax = fn()
-            except (RuntimeError, ValueError, ZeroDivisionError) as e:  # e.g. importance needs 2+ completed trials
+            except (
+                RuntimeError,
+                ValueError,
+                ZeroDivisionError,
+            ) as e:  # e.g. importance needs 2+ completed trials
                 log.warning("tune %s: no %s plot: %s", s.task, name, e)
                 continue
         fig = ax.figure if hasattr(ax, "figure") else ax
@@ -387,9 +479,16 @@ def _run_search(cfg: PipelineConfig, ts: TuneSettings, s: Search, callbacks: lis
     from ray.tune.search.optuna import OptunaSearch
 
     tune_dir = _abs(cfg.run_dir()) + "/tune"
-    ctx = {"stage": to_dict(s.stage), "base": _base(cfg),
-           "dtype": cfg.dtype, "init_from": s.init_from, "exp": s.name, "metric": s.metric,
-           "artifacts": f"{tune_dir}/_artifacts/{s.name}", "train_storage": f"{tune_dir}/_train"}
+    ctx = {
+        "stage": to_dict(s.stage),
+        "base": _base(cfg),
+        "dtype": cfg.dtype,
+        "init_from": s.init_from,
+        "exp": s.name,
+        "metric": s.metric,
+        "artifacts": f"{tune_dir}/_artifacts/{s.name}",
+        "train_storage": f"{tune_dir}/_train",
+    }
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": TRIAL_CPU})
     path = f"{tune_dir}/{s.name}"
     if tune.Tuner.can_restore(path):
@@ -399,34 +498,67 @@ def _run_search(cfg: PipelineConfig, ts: TuneSettings, s: Search, callbacks: lis
         conc = concurrency(s.stage, ts)
         if ts.multi_objective:  # metric/mode live in the searcher; FIFO, as ASHA needs a scalar
             search = OptunaSearch(metric=[s.metric, "tag_length"], mode=[ts.mode, "min"], seed=ts.seed)
-            tc = tune.TuneConfig(search_alg=search, scheduler=FIFOScheduler(), num_samples=ts.num_samples,
-                                 max_concurrent_trials=conc)
+            tc = tune.TuneConfig(
+                search_alg=search,
+                scheduler=FIFOScheduler(),
+                num_samples=ts.num_samples,
+                max_concurrent_trials=conc,
+            )
         else:  # metric/mode given once, here; Tune hands them to the searcher and the scheduler
             sched = FIFOScheduler()
             if ts.asha:  # rungs strictly below the last evaluation, so no finished run is thrown away
-                sched = _asha(f"{tune_dir}/_asha/{s.name}.json", max_t=s.evals - 1, grace_period=ts.asha["grace_period"],
-                                      reduction_factor=ts.asha["reduction_factor"], stop_last_trials=False)
-            tc = tune.TuneConfig(metric=s.metric, mode=ts.mode, search_alg=OptunaSearch(seed=ts.seed),
-                                 scheduler=sched, num_samples=ts.num_samples, max_concurrent_trials=conc)
+                sched = _asha(
+                    f"{tune_dir}/_asha/{s.name}.json",
+                    max_t=s.evals - 1,
+                    grace_period=ts.asha["grace_period"],
+                    reduction_factor=ts.asha["reduction_factor"],
+                    stop_last_trials=False,
+                )
+            tc = tune.TuneConfig(
+                metric=s.metric,
+                mode=ts.mode,
+                search_alg=OptunaSearch(seed=ts.seed),
+                scheduler=sched,
+                num_samples=ts.num_samples,
+                max_concurrent_trials=conc,
+            )
         log.info("tune %s: %d trials, %d at a time -> %s", s.task, ts.num_samples, conc, path)
         space = {"tag_length": tune.choice(ts.tag_length), "lr": tune.loguniform(*ts.lr)}
-        tuner = tune.Tuner(trainable, param_space=space, tune_config=tc, run_config=tune.RunConfig(
-            name=s.name, storage_path=tune_dir, callbacks=callbacks, verbose=1,
-            failure_config=tune.FailureConfig(max_failures=1)))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tc,
+            run_config=tune.RunConfig(
+                name=s.name,
+                storage_path=tune_dir,
+                callbacks=callbacks,
+                verbose=1,
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
     grid = tuner.fit()
     summary = {"task": s.task, "experiment": path, "metric": s.metric, "mode": ts.mode, "trials": len(grid)}
     if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < ts.num_samples:  # Ctrl-C / SIGUSR1
         return {**summary, "interrupted": True}
     rows = _rows(grid, s, ts)
-    summary.update({k: sum(r["status"] == v for r in rows) for k, v in
-                    (("completed", "completed"), ("stopped_early", "stopped"), ("errors", "error"))})
-    done = sorted((r for r in rows if r["status"] == "completed" and r["value"] is not None),
-                  key=lambda r: r["value"], reverse=ts.mode == "max")
+    summary.update(
+        {
+            k: sum(r["status"] == v for r in rows)
+            for k, v in (("completed", "completed"), ("stopped_early", "stopped"), ("errors", "error"))
+        }
+    )
+    done = sorted(
+        (r for r in rows if r["status"] == "completed" and r["value"] is not None),
+        key=lambda r: r["value"],
+        reverse=ts.mode == "max",
+    )
     results = summary["results"] = f"{tune_dir}/results/{s.name}"
     with tempfile.TemporaryDirectory(prefix="tagray-tune-") as d:  # built locally, then copied (local or s3)
         import pandas as pd
 
-        pd.DataFrame([{k: v for k, v in r.items() if k != "history"} for r in rows]).to_csv(f"{d}/trials.csv", index=False)
+        pd.DataFrame([{k: v for k, v in r.items() if k != "history"} for r in rows]).to_csv(
+            f"{d}/trials.csv", index=False
+        )
         summary.update(_export(rows, s, ts, d) if rows else {})
         if done:
             summary.update(best=done[0], ranked=[r["trial"] for r in done], **_publish(cfg, ts, s, done))
@@ -449,13 +581,24 @@ def _publish(cfg: PipelineConfig, ts: TuneSettings, s: Search, done: list[dict])
         members.append(f"{cfg.name}-{s.task}-{r['trial']}")
         publish_tagset(reg, members[-1], r["artifact"])
     ens = f"{cfg.name}-{s.task}-top{len(members)}"
-    publish_ensemble(reg, ens, members, {"task": s.task, "metric": s.metric, "mode": ts.mode, "search": s.name,
-                                         "values": [r["value"] for r in done[: ts.top_k]]})
+    publish_ensemble(
+        reg,
+        ens,
+        members,
+        {
+            "task": s.task,
+            "metric": s.metric,
+            "mode": ts.mode,
+            "search": s.name,
+            "values": [r["value"] for r in done[: ts.top_k]],
+        },
+    )
     return {"registry": reg, "tagset": best, "ensemble": ens}
 
 
-def run_tune(cfg: PipelineConfig, ts: TuneSettings, address: str | None = None,
-             callbacks: list | None = None) -> dict[str, dict]:
+def run_tune(
+    cfg: PipelineConfig, ts: TuneSettings, address: str | None = None, callbacks: list | None = None
+) -> dict[str, dict]:
     """Search every selected task of the stage (resuming earlier searches); returns ``{task: summary}``."""
     from ..pipeline import run_pipeline
     from .session import ensure_ray
@@ -477,17 +620,21 @@ def run_tune(cfg: PipelineConfig, ts: TuneSettings, address: str | None = None,
 
 
 def format_table(res: dict[str, dict]) -> str:
-    lines = [f"{'task':<12} {'trials':>6} {'done':>5} {'ASHA-stopped':>12} {'errors':>6} {'best p':>6} "
-             f"{'best lr':>9} {'best metric':>22}  published as"]
+    lines = [
+        f"{'task':<12} {'trials':>6} {'done':>5} {'ASHA-stopped':>12} {'errors':>6} {'best p':>6} "
+        f"{'best lr':>9} {'best metric':>22}  published as"
+    ]
     for task, r in res.items():
         if r.get("interrupted"):
             lines.append(f"{task:<12} {r['trials']:>6} interrupted: re-run the same command to resume")
             continue
         b = r.get("best") or {}
         val = f"{r['metric']} {b['value']:.4f}" if b else "-"
-        lines.append(f"{task:<12} {r['trials']:>6} {r['completed']:>5} {r['stopped_early']:>12} {r['errors']:>6} "
-                     f"{b.get('tag_length', '-'):>6} {b['lr'] if b else float('nan'):>9.2e} {val:>22}  "
-                     f"{r.get('tagset', '-')} / {r.get('ensemble', '-')}")
+        lines.append(
+            f"{task:<12} {r['trials']:>6} {r['completed']:>5} {r['stopped_early']:>12} {r['errors']:>6} "
+            f"{b.get('tag_length', '-'):>6} {b['lr'] if b else float('nan'):>9.2e} {val:>22}  "
+            f"{r.get('tagset', '-')} / {r.get('ensemble', '-')}"
+        )
         if r.get("pareto"):
             lines.append(f"{'':<12} Pareto front ({r['metric']} vs tag_length): {', '.join(r['pareto'])}")
     return "\n".join(lines)
@@ -509,9 +656,16 @@ def cmd_tune(args) -> int:
 
 
 def add_cli(sub) -> None:
-    sp = sub.add_parser("tune", help="search tag length and learning rate per task (Ray Tune + Optuna + ASHA)")
+    sp = sub.add_parser(
+        "tune", help="search tag length and learning rate per task (Ray Tune + Optuna + ASHA)"
+    )
     sp.add_argument("config", help="tune YAML: a pipeline YAML plus a tune: section, e.g. jobs/tune.yaml")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. tune.num_samples=4 or train.max_steps=20")
+    sp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. tune.num_samples=4 or train.max_steps=20",
+    )
     sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     sp.set_defaults(fn=cmd_tune)

@@ -135,7 +135,9 @@ def _build(spec: TaskSpec) -> TaskData:
     needed -= set(spec.derive)
     missing = [c for c in sorted(needed) if c not in rows[0]]
     if missing:
-        raise ConfigError(f"task {spec.name}.columns", f"column {missing[0]!r} not in the data; columns: {sorted(rows[0])}")
+        raise ConfigError(
+            f"task {spec.name}.columns", f"column {missing[0]!r} not in the data; columns: {sorted(rows[0])}"
+        )
     spec = _classes(spec, rows)
     key_col = spec.split.get("key") or (spec.input_fields[0] if spec.input_fields else None)
     # assign splits and a fixed order from the raw key alone, then validate and label rows in that order
@@ -149,7 +151,13 @@ def _build(spec: TaskSpec) -> TaskData:
         seen.add(dedup)
         k = str(r.get(key_col)) if key_col else dedup
         u = _u(k)
-        name = "test" if u < spec.split["test"] else "valid" if u < spec.split["test"] + spec.split["valid"] else "train"
+        name = (
+            "test"
+            if u < spec.split["test"]
+            else "valid"
+            if u < spec.split["test"] + spec.split["valid"]
+            else "train"
+        )
         splits[name].append((_u(k, "tagray-order-v1") + _u(dedup, "row") * 1e-9, r))
     out, dropped = {}, 0
     for s in SPLITS:

@@ -16,15 +16,25 @@ import os
 import random
 import tempfile
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 from ..core.errors import ConfigError
 
 SOURCES: dict[str, Callable[..., list[dict]]] = {}
 
 # language tag -> Django locale folder (EN is the message id itself)
-LANGUAGES = {"EN": None, "FR": "fr", "DE": "de", "ES": "es", "PT": "pt_BR", "IT": "it", "NL": "nl",
-             "PL": "pl", "SV": "sv", "CS": "cs"}
+LANGUAGES = {
+    "EN": None,
+    "FR": "fr",
+    "DE": "de",
+    "ES": "es",
+    "PT": "pt_BR",
+    "IT": "it",
+    "NL": "nl",
+    "PL": "pl",
+    "SV": "sv",
+    "CS": "cs",
+}
 
 
 def source(name: str):
@@ -61,8 +71,10 @@ def rdkit_nci_pairs(seed: int = 0, n: int = 4000) -> list[dict]:
     """Pairs ``(smiles_a, smiles_b)`` drawn with a fixed seed from the NCI set."""
     mols = [r["smiles"] for r in rdkit_nci()]
     rng = random.Random(seed)
-    return [{"smiles_a": a, "smiles_b": b, "pair_id": f"{i}"}
-            for i, (a, b) in enumerate(zip(rng.choices(mols, k=n), rng.choices(mols, k=n), strict=True))]
+    return [
+        {"smiles_a": a, "smiles_b": b, "pair_id": f"{i}"}
+        for i, (a, b) in enumerate(zip(rng.choices(mols, k=n), rng.choices(mols, k=n), strict=True))
+    ]
 
 
 @source("modlamp_peptides")
@@ -78,14 +90,16 @@ def modlamp_peptides() -> list[dict]:
     return rows
 
 
-@lru_cache(maxsize=None)
+@cache
 def _catalog(locale: str) -> dict[str, str]:
     """English message id -> translation, from every Django catalog of ``locale`` (non-fuzzy, singular)."""
     import polib
 
     root = package_dir("django")
-    files = sorted(glob.glob(os.path.join(root, "conf", "locale", locale, "LC_MESSAGES", "django.po"))
-                   + glob.glob(os.path.join(root, "contrib", "*", "locale", locale, "LC_MESSAGES", "django.po")))
+    files = sorted(
+        glob.glob(os.path.join(root, "conf", "locale", locale, "LC_MESSAGES", "django.po"))
+        + glob.glob(os.path.join(root, "contrib", "*", "locale", locale, "LC_MESSAGES", "django.po"))
+    )
     if not files:
         raise ConfigError("languages", f"no Django catalog for locale {locale!r}")
     out: dict[str, str] = {}
@@ -148,9 +162,12 @@ def load_file(path: str, fmt: str | None = None) -> list[dict]:
     import datasets
 
     fmt = fmt or {"csv": "csv", "tsv": "csv", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(
-        path.rsplit(".", 1)[-1].lower())
+        path.rsplit(".", 1)[-1].lower()
+    )
     if fmt not in ("csv", "json", "parquet"):
-        raise ConfigError("source.format", f"cannot tell the format of {path!r}; set format: csv|json|parquet")
+        raise ConfigError(
+            "source.format", f"cannot tell the format of {path!r}; set format: csv|json|parquet"
+        )
     kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else {}
     local = path
     with tempfile.TemporaryDirectory(prefix="tagray-data-") as tmp:
@@ -168,8 +185,9 @@ def load_file(path: str, fmt: str | None = None) -> list[dict]:
             raise ConfigError("source.path", f"{path} does not exist")
         datasets.disable_progress_bars()
         try:
-            ds = datasets.load_dataset(fmt, data_files=local, split="train", cache_dir=os.path.join(tmp, "cache"),
-                                       **kwargs)
+            ds = datasets.load_dataset(
+                fmt, data_files=local, split="train", cache_dir=os.path.join(tmp, "cache"), **kwargs
+            )
         except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
             raise ConfigError("source.path", f"cannot read {path} as {fmt}: {type(e).__name__}: {e}") from e
         return [dict(r) for r in ds]
@@ -181,7 +199,9 @@ def load_source(spec: dict) -> list[dict]:
         return load_file(spec["path"], spec.get("format"))
     name = spec.get("name")
     if name not in SOURCES:
-        raise ConfigError("source.name", f"unknown source {name!r}; builtin: {sorted(SOURCES)}; or give a path")
+        raise ConfigError(
+            "source.name", f"unknown source {name!r}; builtin: {sorted(SOURCES)}; or give a path"
+        )
     params = {k: v for k, v in spec.items() if k != "name"}
     try:
         return SOURCES[name](**params)

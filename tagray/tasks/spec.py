@@ -31,10 +31,27 @@ from ..core.template import parse_template, template_fields
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 TARGET_KINDS = ("regression", "classification", "lm")
-METRICS = {"regression": ("mse", "mae", "pearson", "spearman"), "classification": ("accuracy",),
-           "lm": ("loss", "perplexity", "bleu")}
-KEYS = {"name", "description", "source", "derive", "fields", "template", "function_tag", "target", "metrics",
-        "split", "limits", "max_length", "generate", "filter"}
+METRICS = {
+    "regression": ("mse", "mae", "pearson", "spearman"),
+    "classification": ("accuracy",),
+    "lm": ("loss", "perplexity", "bleu"),
+}
+KEYS = {
+    "name",
+    "description",
+    "source",
+    "derive",
+    "fields",
+    "template",
+    "function_tag",
+    "target",
+    "metrics",
+    "split",
+    "limits",
+    "max_length",
+    "generate",
+    "filter",
+}
 
 
 @dataclass(frozen=True)
@@ -104,19 +121,29 @@ def parse_task(d: dict, where: str = "task") -> TaskSpec:
     if kind not in TARGET_KINDS:
         raise ConfigError(f"{where}.target.kind", f"got {kind!r}; use one of {TARGET_KINDS}")
     cols = t.get("columns") or ([t["column"]] if kind == "regression" and "column" in t else [])
-    target = Target(kind, tuple(cols), t.get("column"), tuple(str(c) for c in t.get("classes", ())),
-                    t.get("field"), bool(t.get("eos", False)))
+    target = Target(
+        kind,
+        tuple(cols),
+        t.get("column"),
+        tuple(str(c) for c in t.get("classes", ())),
+        t.get("field"),
+        bool(t.get("eos", False)),
+    )
     fields_in_template = template_fields(template)
     if kind == "regression" and not target.columns:
         raise ConfigError(f"{where}.target.columns", "regression needs at least one target column")
     if kind == "classification" and not target.column:
         raise ConfigError(f"{where}.target.column", "classification needs a label column")
     if kind == "lm" and target.field not in fields_in_template:
-        raise ConfigError(f"{where}.target.field", f"must be one of the template's fields {sorted(fields_in_template)}")
+        raise ConfigError(
+            f"{where}.target.field", f"must be one of the template's fields {sorted(fields_in_template)}"
+        )
     ftag = d.get("function_tag")
     tags = [p.value for p in parse_template(template) if p.kind == "tag" and not p.dynamic]
     if kind != "lm" and ftag is None:
-        raise ConfigError(f"{where}.function_tag", "regression/classification tasks need a function tag for the head")
+        raise ConfigError(
+            f"{where}.function_tag", "regression/classification tasks need a function tag for the head"
+        )
     if ftag is not None and ftag not in tags:
         raise ConfigError(f"{where}.function_tag", f"{ftag} does not occur in the template")
     metrics = tuple(d.get("metrics") or METRICS[kind][: 4 if kind != "lm" else 1])
@@ -136,10 +163,22 @@ def parse_task(d: dict, where: str = "task") -> TaskSpec:
     split = {"valid": 0.1, "test": 0.1, **(d.get("split") or {})}
     if not (0 <= split["valid"] < 1 and 0 <= split["test"] < 1 and split["valid"] + split["test"] < 1):
         raise ConfigError(f"{where}.split", "valid and test fractions must be in [0, 1) and sum below 1")
-    return TaskSpec(name=name, template=template, source=source, target=target, fields=fields,
-                    derive=d.get("derive") or {}, function_tag=ftag, metrics=metrics, split=split,
-                    limits=d.get("limits") or {}, max_length=ml, generate=d.get("generate") or {},
-                    filter=d.get("filter") or {}, raw=copy.deepcopy(d))
+    return TaskSpec(
+        name=name,
+        template=template,
+        source=source,
+        target=target,
+        fields=fields,
+        derive=d.get("derive") or {},
+        function_tag=ftag,
+        metrics=metrics,
+        split=split,
+        limits=d.get("limits") or {},
+        max_length=ml,
+        generate=d.get("generate") or {},
+        filter=d.get("filter") or {},
+        raw=copy.deepcopy(d),
+    )
 
 
 def builtin_tasks() -> list[str]:
@@ -167,7 +206,9 @@ def load_task(ref, overrides: dict | None = None) -> TaskSpec:
     elif isinstance(ref, str) and (BUILTIN_DIR / f"{ref}.yaml").exists():
         d = yaml.safe_load((BUILTIN_DIR / f"{ref}.yaml").read_text())
     else:
-        raise ConfigError("task", f"unknown task {ref!r}; builtin: {builtin_tasks()}, or a path to a task YAML")
+        raise ConfigError(
+            "task", f"unknown task {ref!r}; builtin: {builtin_tasks()}, or a path to a task YAML"
+        )
     if overrides:
         d = {**d, **overrides}
     return parse_task(d)

@@ -24,7 +24,9 @@ def check_protein(field: str, value) -> str:
     value = value.strip().upper()
     bad = sorted(set(value) - AMINO_ACIDS)
     if bad:
-        raise InputError(field, f"not amino-acid letters: {''.join(bad)!r} (allowed: {''.join(sorted(AMINO_ACIDS))})")
+        raise InputError(
+            field, f"not amino-acid letters: {''.join(bad)!r} (allowed: {''.join(sorted(AMINO_ACIDS))})"
+        )
     return value
 
 
