@@ -66,7 +66,10 @@ class RayTrainRuntime(Runtime):
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Train worker: ``config = {"job": StageJob as dict, "base": shared-base info}``."""
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tl = logging.getLogger("tagray")  # only tagray's own progress lines, not Ray's per-report INFO logs
+    if not tl.handlers:
+        tl.addHandler(logging.StreamHandler())
+        tl.setLevel(logging.INFO)
     jd = dict(config["job"])
     job = StageJob(stage=stage_from_dict(jd.pop("stage")), **jd)
     rt = RayTrainRuntime(job.stage.scaling.strategy)
