@@ -110,7 +110,11 @@ def cmd_predict(args) -> int:
     rows = _read_inputs(args)
     reqs = [{"task": args.task, "inputs": r} for r in rows]
     kind = pred.task_kind(args.task)
-    out = pred.generate(reqs) if kind == "lm" else pred.predict(reqs)
+    try:
+        out = pred.generate(reqs) if kind == "lm" else pred.predict(reqs)
+    except TagrayError as e:  # the Predictor names JSON paths (inputs.smiles); the CLI names the column
+        e.field = e.field.removeprefix("inputs.")
+        raise
     lines = [json.dumps({**r, **o}, default=str) for r, o in zip(rows, out, strict=True)]
     if args.output:
         with open(args.output, "w") as f:

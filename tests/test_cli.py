@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -74,3 +75,54 @@ def test_validate_cluster_cli(capsys):
 def test_console_script_runs():
     r = run("--help")
     assert r.returncode == 0 and "pipeline" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_tagset(tiny_base_dir, tmp_path_factory):
+    """A two-stage tag set on the tiny base (saved folder), trained for two steps."""
+    from tagray.config import parse_pipeline
+    from tagray.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("cli-runs")
+    small = {"train": 16, "valid": 4, "test": 4}
+    cfg = parse_pipeline({"name": "cli", "base": tiny_base_dir, "output": str(out),
+                          "train": {"max_steps": 2, "eval_every": 2, "batch_size": 2, "eval_rows": 4, "tag_length": 2,
+                                    "probe_rows": 8},
+                          "stages": [{"name": "domain", "tasks": [{"task": "smiles_lm", "limits": small}]},
+                                     {"name": "single", "tasks": [{"task": "qed", "limits": small}]}]})
+    return run_pipeline(cfg, executor="local")["single"]["path"]
+
+
+def test_predict_and_eval_on_a_trained_tagset(tiny_tagset, capsys, tmp_path):
+    assert main(["predict", tiny_tagset, "--task", "qed", "--input", "smiles=CCO"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["smiles"] == "CCO" and isinstance(line["prediction"], float)
+    csv = tmp_path / "in.csv"
+    csv.write_text("smiles\nCCO\nc1ccccc1O\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", tiny_tagset, "--task", "qed", "--input-file", str(csv), "--output", str(out)]) == 0
+    assert len(out.read_text().strip().splitlines()) == 2
+    assert main(["eval", tiny_tagset, "--task", "qed", "--limit", "4"]) == 0
+    assert "mse" in capsys.readouterr().out
+    assert main(["tags", tiny_tagset]) == 0
+    assert "<QED>" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--task", "qed", "--input", "smiles=C1CC(("], "smiles"),
+    (["--task", "qed", "--input", "smi=CCO"], "smiles"),
+    (["--task", "no_such_task", "--input", "smiles=CCO"], "task"),
+    (["--task", "qed", "--input-file", "/no/such/file.csv"], "source.path"),
+    (["--task", "qed"], "--input"),
+])
+def test_predict_bad_inputs_exit_2(tiny_tagset, capsys, args, field):
+    assert main(["predict", tiny_tagset, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {field}"), err
+
+
+def test_tags_from_another_base_are_refused(tiny_tagset, capsys, tmp_path, tiny_gpt2):
+    tiny_gpt2.model.save_pretrained(tmp_path / "gpt2")
+    tiny_gpt2.tokenizer.save_pretrained(tmp_path / "gpt2")
+    assert main(["predict", tiny_tagset, "--task", "qed", "--input", "smiles=CCO", "--base", str(tmp_path / "gpt2")]) == 2
+    assert "trained on base llama" in capsys.readouterr().err
