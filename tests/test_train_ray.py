@@ -146,6 +146,11 @@ def test_ray_job_submit_smoke_pipeline(tiny_base_dir, tmp_path):
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
     }
     env.pop("RAY_ADDRESS", None)
+    # the shared in-process Ray (ray.init) sets RAY_AUTH_MODE=token in os.environ and keeps its token under
+    # the real HOME: this separate head runs without token auth, and the job client must agree
+    env["RAY_AUTH_MODE"] = "disabled"
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(k, None)
     dash = free_port()
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     start = subprocess.run(
