@@ -5,7 +5,7 @@ STAMP := $(VENV)/.tagray-installed
 # GPU users: install your CUDA torch into the venv first and set TORCH_SPEC= (empty).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench bench-serve bench-gpu clean
 
 $(STAMP): pyproject.toml requirements-data.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,8 +26,14 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tagray tests jobs bench && $(VENV)/bin/ruff format --check tagray tests jobs bench
 
-bench: $(STAMP)
+bench: $(STAMP)   ## training throughput: tagray vs PEFT prompt tuning (CPU, SmolLM2)
 	$(PY) bench/train_vs_peft.py
+
+bench-serve: $(STAMP)   ## Serve app: homogeneous vs mixed-tag vs unbatched, replica memory
+	$(PY) bench/serve_bench.py
+
+bench-gpu:   ## on a CUDA machine; needs only torch, transformers and peft (no venv, no Ray)
+	python3 bench/gpu_bench.py
 
 clean:
 	rm -rf $(VENV)

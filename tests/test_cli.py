@@ -85,11 +85,25 @@ def tiny_tagset(tiny_base_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("cli-runs")
     small = {"train": 16, "valid": 4, "test": 4}
-    cfg = parse_pipeline({"name": "cli", "base": tiny_base_dir, "output": str(out),
-                          "train": {"max_steps": 2, "eval_every": 2, "batch_size": 2, "eval_rows": 4, "tag_length": 2,
-                                    "probe_rows": 8},
-                          "stages": [{"name": "domain", "tasks": [{"task": "smiles_lm", "limits": small}]},
-                                     {"name": "single", "tasks": [{"task": "qed", "limits": small}]}]})
+    cfg = parse_pipeline(
+        {
+            "name": "cli",
+            "base": tiny_base_dir,
+            "output": str(out),
+            "train": {
+                "max_steps": 2,
+                "eval_every": 2,
+                "batch_size": 2,
+                "eval_rows": 4,
+                "tag_length": 2,
+                "probe_rows": 8,
+            },
+            "stages": [
+                {"name": "domain", "tasks": [{"task": "smiles_lm", "limits": small}]},
+                {"name": "single", "tasks": [{"task": "qed", "limits": small}]},
+            ],
+        }
+    )
     return run_pipeline(cfg, executor="local")["single"]["path"]
 
 
@@ -100,7 +114,9 @@ def test_predict_and_eval_on_a_trained_tagset(tiny_tagset, capsys, tmp_path):
     csv = tmp_path / "in.csv"
     csv.write_text("smiles\nCCO\nc1ccccc1O\n")
     out = tmp_path / "out.jsonl"
-    assert main(["predict", tiny_tagset, "--task", "qed", "--input-file", str(csv), "--output", str(out)]) == 0
+    assert (
+        main(["predict", tiny_tagset, "--task", "qed", "--input-file", str(csv), "--output", str(out)]) == 0
+    )
     assert len(out.read_text().strip().splitlines()) == 2
     assert main(["eval", tiny_tagset, "--task", "qed", "--limit", "4"]) == 0
     assert "mse" in capsys.readouterr().out
@@ -108,13 +124,16 @@ def test_predict_and_eval_on_a_trained_tagset(tiny_tagset, capsys, tmp_path):
     assert "<QED>" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,field", [
-    (["--task", "qed", "--input", "smiles=C1CC(("], "smiles"),
-    (["--task", "qed", "--input", "smi=CCO"], "smiles"),
-    (["--task", "no_such_task", "--input", "smiles=CCO"], "task"),
-    (["--task", "qed", "--input-file", "/no/such/file.csv"], "source.path"),
-    (["--task", "qed"], "--input"),
-])
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["--task", "qed", "--input", "smiles=C1CC(("], "smiles"),
+        (["--task", "qed", "--input", "smi=CCO"], "smiles"),
+        (["--task", "no_such_task", "--input", "smiles=CCO"], "task"),
+        (["--task", "qed", "--input-file", "/no/such/file.csv"], "source.path"),
+        (["--task", "qed"], "--input"),
+    ],
+)
 def test_predict_bad_inputs_exit_2(tiny_tagset, capsys, args, field):
     assert main(["predict", tiny_tagset, *args]) == 2
     err = capsys.readouterr().err
@@ -124,5 +143,19 @@ def test_predict_bad_inputs_exit_2(tiny_tagset, capsys, args, field):
 def test_tags_from_another_base_are_refused(tiny_tagset, capsys, tmp_path, tiny_gpt2):
     tiny_gpt2.model.save_pretrained(tmp_path / "gpt2")
     tiny_gpt2.tokenizer.save_pretrained(tmp_path / "gpt2")
-    assert main(["predict", tiny_tagset, "--task", "qed", "--input", "smiles=CCO", "--base", str(tmp_path / "gpt2")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                tiny_tagset,
+                "--task",
+                "qed",
+                "--input",
+                "smiles=CCO",
+                "--base",
+                str(tmp_path / "gpt2"),
+            ]
+        )
+        == 2
+    )
     assert "trained on base llama" in capsys.readouterr().err

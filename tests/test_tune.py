@@ -294,6 +294,8 @@ def test_published_best_tags_and_ensemble_predict(search, tiny_base_dir):
 
 @pytest.mark.slow
 def test_multi_objective_search_reports_a_pareto_front(ray_local, tiny_base_dir, tmp_path):
+    # runs after the ASHA search in the same Ray: without tagray's placement-group reaper it waited forever
+    # for the CPUs still reserved by the stopped trials' Train workers
     raw = raw_config(
         tmp_path,
         base=tiny_base_dir,

@@ -132,9 +132,8 @@ def _abs(path: str) -> str:
 
 
 def _base(cfg: PipelineConfig) -> str:
-    return (
-        os.path.abspath(cfg.base) if os.path.exists(cfg.base) else cfg.base
-    )  # trials chdir to their own dir
+    # trials run in their own working directory: a local base folder must be absolute
+    return os.path.abspath(cfg.base) if os.path.exists(cfg.base) else cfg.base
 
 
 def parse_tune(raw: dict) -> tuple[PipelineConfig, TuneSettings]:
@@ -294,6 +293,55 @@ def _asha(path: str, **kw):
     return ResumableASHA(**kw)
 
 
+def reap_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor died (returns how many).
+
+    ASHA stops a trial by killing its actor, and with it the Train controller that owns the workers'
+    placement group. Ray keeps such a group until the job ends, and Train's own cleaner asks the State API,
+    which needs the dashboard and fails when a machine runs several Ray instances: the stopped trial's CPUs
+    and GPUs would stay reserved and later trials would wait forever. Groups created by a driver (Tune's
+    own) or by a detached actor are never touched. Reads GCS records through a private accessor (Ray 2.60).
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job, n = ray.get_runtime_context().get_job_id(), 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
+        live = pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
+        if (
+            live
+            and by_actor
+            and pg.creator_actor_dead
+            and not pg.is_detached
+            and pg.creator_job_id.hex() == job
+        ):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            n += 1
+    return n
+
+
+def _reaper():
+    """A Tune callback running :func:`reap_orphaned_placement_groups` every few seconds."""
+    import time
+
+    from ray.tune import Callback
+
+    class Reaper(Callback):
+        last = 0.0
+
+        def on_step_end(self, iteration, trials, **info):
+            if time.monotonic() - self.last > 5:
+                self.last = time.monotonic()
+                if n := reap_orphaned_placement_groups():
+                    log.info("tune: released %d placement group(s) of stopped trials", n)
+
+    return Reaper()
+
+
 def _trial(config: dict, ctx: dict) -> None:
     """One trial: the one-task stage with this ``(tag_length, lr)``, run as a Ray Train job."""
     from ray import tune
@@ -320,7 +368,7 @@ def _trial(config: dict, ctx: dict) -> None:
         m = res.metrics or {}
         test = load_tagset(out).metrics
         summary = {
-            metric: m["best_val"] if st.train.select_metric == metric else m.get(metric),
+            metric: m.get("best_val", m.get(metric)) if st.train.select_metric == metric else m.get(metric),
             "tag_length": p,
             "lr": lr,
             "artifact": out,
@@ -402,8 +450,15 @@ def _history(rows: list[dict], s: Search, ts: TuneSettings):
     a1.step([r["number"] for r in rows], curve, where="post", color="red", label="best finished trial")
     for p, c in colors.items():
         a2.plot([], [], color=c, label=f"p={p}")
-    a1.set(xlabel="trial (o finished, x stopped by ASHA)", ylabel=s.metric, title=f"{s.task}: search history")
+    # a finished trial's value is its kept (best) state's, which may be the stage's step-0 head probe
+    a1.set(
+        xlabel="trial (o finished, x stopped by ASHA)",
+        ylabel=f"best {s.metric}",
+        title=f"{s.task}: search history",
+    )
     a2.set(xlabel="evaluation", ylabel=s.metric, title="validation curves (dashed: stopped early)")
+    for a in (a1, a2):
+        a.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     a1.legend()
     a2.legend(fontsize="small")
     return fig
@@ -531,12 +586,13 @@ def _run_search(cfg: PipelineConfig, ts: TuneSettings, s: Search, callbacks: lis
             run_config=tune.RunConfig(
                 name=s.name,
                 storage_path=tune_dir,
-                callbacks=callbacks,
+                callbacks=[_reaper(), *(callbacks or [])],
                 verbose=1,
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
     grid = tuner.fit()
+    reap_orphaned_placement_groups()  # trials stopped at the very end (the Reaper catches later deaths)
     summary = {"task": s.task, "experiment": path, "metric": s.metric, "mode": ts.mode, "trials": len(grid)}
     if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < ts.num_samples:  # Ctrl-C / SIGUSR1
         return {**summary, "interrupted": True}

@@ -1,0 +1,771 @@
+"""Serving benchmark of the tagray Ray Serve app (issue #6): mixed-tag batching, batching on/off, memory.
+
+In ONE run, against one app (``tagray.ray.serve:build_app``) over HTTP on 127.0.0.1:
+
+- ``homogeneous``: every request the same tag composition (one tag set, ``qed``), closed loop;
+- ``mixed``: Zipf-popular draws over many compositions (tag sets x tasks, zero-shot ``compose`` of
+  another set's ``<SMILES>``, ensembles), Poisson arrivals, at most ``--concurrency`` in flight;
+- ``unbatched``: the homogeneous workload with the SAME replica reconfigured in place to
+  ``max_batch_size=1`` (``user_config``), so every request is its own forward pass;
+- ``memory``: replica USS (psutil) with 1 replica, then 2 (scaled in place), against the base's bytes.
+
+Scenarios alternate in ``--rounds`` rounds so background load hits all of them alike.
+
+    python bench/serve_bench.py                       # SmolLM2-135M, 400 requests per scenario
+    python bench/serve_bench.py --smoke               # tiny random model, 50 requests (1-2 minutes)
+    python bench/serve_bench.py --url http://127.0.0.1:8000   # a running app: homogeneous + mixed only
+
+Writes ``bench/results/serve_bench.json`` and prints a table. See docs/serving-benchmark.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+APP = "bench"
+TASKS = ("qed", "logp")  # both read a SMILES: inputs (and so sequence lengths) are alike in every scenario
+DOMAIN = "<SMILES>"
+SMILES = [
+    "CCO",
+    "c1ccccc1O",
+    "CC(=O)Nc1ccc(O)cc1",
+    "CN1C=NC2=C1C(=O)N(C(=O)N2C)C",
+    "CC(=O)Oc1ccccc1C(=O)O",
+    "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
+    "COc1ccc2nc(S(=O)Cc3ncc(C)c(OC)c3C)[nH]c2c1",
+    "CN1CCC[C@H]1c1cccnc1",
+    "O=C(O)c1ccccc1O",
+    "CC(C)NCC(O)c1ccc(O)c(O)c1",
+    "Clc1ccc(cc1)C(c1ccccc1)N1CCN(CC1)CCOCC(=O)O",
+    "CN(C)C(=N)NC(=N)N",
+    "OC[C@H]1OC(O)[C@H](O)[C@@H](O)[C@@H]1O",
+    "c1ccc2ccccc2c1",
+    "CCN(CC)CC",
+    "CC(=O)C",
+    "C1CCCCC1",
+    "CCCCCCCCO",
+    "NC(=O)c1cccnc1",
+    "O=C1NC(=O)c2ccccc12",
+    "CC1=CC(=O)C=CC1=O",
+    "CSCC[C@H](N)C(=O)O",
+    "N[C@@H](Cc1ccccc1)C(=O)O",
+    "FC(F)(F)c1ccc(Oc2ccccc2)cc1",
+]
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TAGRAY_PROGRESS": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+MiB = 2**20
+
+
+# ---- registry: untrained but valid tag sets (only speed matters here) ------------------------------
+
+
+def make_tagset(emb: Any, fingerprint: dict, tasks: list[str], seed: int, length: int) -> Any:
+    """A tag set for ``tasks`` with random tags and heads on the base whose input embedding is ``emb``."""
+    import torch
+
+    from tagray.core.artifacts import TagSet
+    from tagray.core.tags import HeadSpec, mean_embedding_init
+    from tagray.core.template import template_tags
+    from tagray.tasks.spec import load_task
+
+    g = torch.Generator().manual_seed(seed)
+    d = emb.shape[1]
+    tags, info, heads, specs, stats, docs = {}, {}, {}, {}, {}, {}
+    for name in tasks:
+        spec = load_task(name)
+        docs[spec.name] = spec.to_json()
+        for t in template_tags(spec.template):
+            if t not in tags:
+                v = mean_embedding_init(emb, length)
+                tags[t] = v + torch.randn(v.shape, generator=g) * v.norm(dim=1, keepdim=True) / d**0.5
+                info[t] = {"kind": "function" if t == spec.function_tag else "domain", "length": length}
+                info[t]["stage"] = "bench"
+        k = len(spec.target.columns)
+        specs[spec.head_tag] = HeadSpec("regression", k, (0.5,) * k, (0.2,) * k)
+        heads[spec.head_tag] = torch.randn(k, d + 1, generator=g) * 0.5
+        stats[spec.head_tag] = torch.stack([torch.randn(d, generator=g) * 0.1, torch.ones(d)])
+    return TagSet(tags, heads, info, specs, fingerprint, tasks=docs, stage="bench", head_stats=stats)
+
+
+def tiny_base_dir(path: str) -> str:
+    """A 2-layer random Llama with SmolLM2's tokenizer, saved as a Hugging Face folder (as the tests do)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tagray.core.base import load_tokenizer, resolve_base
+
+    tok = load_tokenizer(resolve_base("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def build_registry(base_spec: str, path: str, n_sets: int, length: int, dtype: str = "float32") -> None:
+    """``n_sets`` chem tag sets (qed + logp) and two ensembles, built on the cluster's shared base copy."""
+    from tagray.ray.shared import attach_base, base_info
+    from tagray.registry import publish_ensemble, publish_tagset
+
+    info = base_info(base_spec, dtype)  # creates the BaseOwner the replicas will attach to
+    base = attach_base(info)  # zero-copy view of the object-store arrays
+    emb = base.model.get_input_embeddings().weight
+    names = [f"chem{i}" for i in range(n_sets)]
+    for i, name in enumerate(names):
+        publish_tagset(
+            path, name, make_tagset(emb, info["fingerprint"], list(TASKS), seed=i + 1, length=length)
+        )
+    publish_ensemble(path, "chem-top3", names[:3])
+    publish_ensemble(path, "chem-pair", names[3:5] if n_sets >= 5 else names[:2])
+    del base, emb
+
+
+def predictor_micro(base_spec: str, registry: str, dtype: str, threads: int, n: int, reps: int = 2) -> dict:
+    """No Serve, no HTTP: ``n`` homogeneous requests as ``n`` single-request ``Predictor.predict`` calls
+    vs one call, on ``threads`` torch threads (as a replica): the most batching can give on this hardware.
+    """
+    import torch
+
+    from tagray.predict import Predictor
+    from tagray.ray.shared import attach_base, base_info
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pred = Predictor.from_registry(attach_base(base_info(base_spec, dtype)), registry)
+        shape = {"task": TASKS[0], "tagset": sorted(pred.sets)[0]}
+        reqs = [{**shape, "inputs": {"smiles": SMILES[i % len(SMILES)]}} for i in range(n)]
+        pred.predict(reqs[:4])  # warm-up
+        single, batched = [], []
+        for _ in range(reps):  # alternate, so background load hits both alike
+            t = time.perf_counter()
+            for r in reqs:
+                pred.predict([r])
+            single.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            pred.predict(reqs)
+            batched.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    s, b = min(single), min(batched)
+    return {"requests": n, "threads": threads, "single_s": s, "batched_s": b, "batched_over_single": s / b}
+
+
+# ---- workloads -------------------------------------------------------------------------------------
+
+
+def compositions(catalogue: dict) -> tuple[list[dict], dict[str, int]]:
+    """Every request shape the registry offers for the SMILES tasks (from ``GET /v1/tags``).
+
+    Returns the shapes (without inputs) and the rows (ensemble members) each costs.
+    """
+    provides: dict[str, set[str]] = {}
+    for t in catalogue["tags"]:
+        if t["kind"] == "function":
+            provides.setdefault(t["tagset"], set()).update(x for x in t["tasks"] if x in TASKS)
+    shapes: list[dict] = []
+    for task in TASKS:
+        sets = sorted(s for s, ts in provides.items() if task in ts)
+        shapes += [{"task": task, "tagset": s} for s in sets]
+        shapes += [{"task": task, "tagset": s, "compose": {DOMAIN: d}} for s in sets for d in sets if d != s]
+        for e, doc in sorted(catalogue["ensembles"].items()):
+            if all(task in provides.get(m, ()) for m in doc["members"]):
+                shapes.append({"task": task, "ensemble": e})
+    if not shapes:
+        raise SystemExit(f"the registry has no tag set for {TASKS}: nothing to benchmark")
+    rows = {e: len(doc["members"]) for e, doc in catalogue["ensembles"].items()}
+    return shapes, rows
+
+
+def homogeneous(shapes: list[dict], n: int, offset: int = 0) -> list[dict]:
+    """``n`` requests of the first plain shape (one tag set), inputs cycling over SMILES."""
+    shape = next(s for s in shapes if "tagset" in s and "compose" not in s)
+    return [{**shape, "inputs": {"smiles": SMILES[(offset + i) % len(SMILES)]}} for i in range(n)]
+
+
+def mixed(ranked: list[dict], n: int, zipf: float, rng: random.Random, offset: int = 0) -> list[dict]:
+    """``n`` requests whose shapes are Zipf(``zipf``)-popular: ``ranked[k]`` has weight ``1 / (k+1)^zipf``."""
+    weights = [1 / (k + 1) ** zipf for k in range(len(ranked))]
+    picks = rng.choices(ranked, weights=weights, k=n)
+    return [{**s, "inputs": {"smiles": SMILES[(offset + i) % len(SMILES)]}} for i, s in enumerate(picks)]
+
+
+def poisson(n: int, rate: float, rng: random.Random) -> list[float]:
+    """Arrival offsets (s) of a Poisson process of ``rate`` per second."""
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+# ---- load generator --------------------------------------------------------------------------------
+
+
+async def _load(
+    url: str,
+    bodies: list[dict],
+    concurrency: int,
+    arrivals: list[float] | None,
+    headers: dict,
+    timeout_s: float,
+) -> dict:
+    """POST every body to ``/v1/predict``, at most ``concurrency`` in flight; closed loop, or each body
+    released at its ``arrivals`` offset. Latency counts from the send (after any client-side wait)."""
+    n = len(bodies)
+    lat, wait, status, end = [math.nan] * n, [math.nan] * n, [0] * n, [0.0] * n
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as c:
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> None:
+            if arrivals is not None:
+                await asyncio.sleep(max(0.0, t0 + arrivals[i] - time.perf_counter()))
+            due = time.perf_counter()
+            async with sem:
+                t = time.perf_counter()
+                if arrivals is not None:  # closed loop: the wait is just the place in line, not reported
+                    wait[i] = t - due
+                try:
+                    status[i] = (await c.post("/v1/predict", json=bodies[i])).status_code
+                except httpx.HTTPError:
+                    status[i] = -1
+                end[i] = time.perf_counter()
+                lat[i] = end[i] - t
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for p in pending:
+            p.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = max([e for e in end if e] or [time.perf_counter()]) - t0
+    return {"latency": lat, "wait": wait, "status": status, "wall": wall, "timed_out": len(pending)}
+
+
+def load(url: str, bodies: list[dict], concurrency: int, headers: dict, **kw: Any) -> dict:
+    kw.setdefault("arrivals", None)
+    kw.setdefault("timeout_s", 900.0)
+    return asyncio.run(_load(url, bodies, concurrency, headers=headers, **kw))
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of the finite values (None if none)."""
+    xs = sorted(x for x in xs if not math.isnan(x))
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def ms(x: float | None) -> float | None:
+    return None if x is None else x * 1e3
+
+
+def server_stats(url: str, headers: dict) -> dict:
+    """The replica's Predictor counters (requests, rows, forward_passes) from ``/healthz``."""
+    try:
+        return dict(httpx.get(url + "/healthz", headers=headers, timeout=30).json().get("stats") or {})
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+class Scenario:
+    """Accumulates rounds of one scenario: latencies, statuses, wall time, rows, server counters."""
+
+    def __init__(self, name: str, design: str):
+        self.name, self.design = name, design
+        self.lat: list[float] = []
+        self.wait: list[float] = []
+        self.status: list[int] = []
+        self.wall = 0.0
+        self.rows = 0
+        self.timed_out = 0
+        self.server: dict[str, int] = {}
+        self.rounds: list[dict] = []
+
+    def add(self, res: dict, rows: int, before: dict, after: dict, extra: dict | None = None) -> None:
+        self.lat += res["latency"]
+        self.wait += res["wait"]
+        self.status += res["status"]
+        self.wall += res["wall"]
+        self.rows += rows
+        self.timed_out += res["timed_out"]
+        for k in ("requests", "rows", "forward_passes"):
+            if k in after and k in before:
+                self.server[k] = self.server.get(k, 0) + after[k] - before[k]
+        ok = sum(s == 200 for s in res["status"])
+        self.rounds.append(
+            {"requests": len(res["status"]), "ok": ok, "wall_s": res["wall"], "rps": ok / res["wall"]}
+            | (extra or {})
+        )
+
+    def summary(self) -> dict:
+        ok = sum(s == 200 for s in self.status)
+        errors: dict[str, int] = {}
+        for s in self.status:
+            if s != 200:
+                errors[str(s)] = errors.get(str(s), 0) + 1
+        passes = self.server.get("forward_passes", 0)
+        return {
+            "design": self.design,
+            "requests": len(self.status),
+            "ok": ok,
+            "errors": len(self.status) - ok,
+            "error_statuses": errors,
+            "wall_s": round(self.wall, 3),
+            "rps": ok / self.wall if self.wall else 0.0,
+            "rows": self.rows,
+            "rows_per_request": self.rows / max(1, len(self.status)),
+            "rows_per_s": self.rows / self.wall if self.wall else 0.0,
+            "p50_ms": ms(pct(self.lat, 0.50)),
+            "p99_ms": ms(pct(self.lat, 0.99)),
+            "client_wait_p50_ms": ms(pct(self.wait, 0.50)),
+            "client_wait_p99_ms": ms(pct(self.wait, 0.99)),
+            "server": self.server,
+            "rows_per_forward_pass": self.server.get("rows", 0) / passes if passes else None,
+            "rounds": self.rounds,
+        }
+
+
+# ---- Ray / Serve control ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(registry: str, base: str, cpus: float, replicas: int, batch: int, version: str) -> dict:
+    """Declarative config of the app; only ``deployments`` differ between phases, so Serve applies
+    them in place (``reconfigure()``, scaling) instead of restarting the replica."""
+    return {
+        "name": APP,
+        "route_prefix": "/",
+        "import_path": "tagray.ray.serve:build_app",
+        "args": {"registry": registry, "base": base, "dtype": "float32", "replicas": 1, "cpus": cpus},
+        "deployments": [
+            {
+                "name": "TagModel",
+                "num_replicas": replicas,
+                "user_config": {"registry": registry, "max_batch_size": batch, "version": version},
+            }
+        ],
+    }
+
+
+def deploy(cfg: dict, url: str, timeout_s: float = 900) -> None:
+    """Apply ``cfg`` (what ``serve deploy`` does), wait until RUNNING and the replicas report its version."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[cfg]))
+    want = cfg["deployments"][0]["user_config"]["version"]
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        st = serve.status().applications.get(APP)
+        if st is not None and st.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploy failed: {st.message}")
+        if st is not None and st.status == "RUNNING":
+            try:
+                if httpx.get(url + "/healthz", timeout=30).json().get("version") == want:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+        time.sleep(0.5)
+    raise TimeoutError(f"app not running with version {want!r} after {timeout_s}s")
+
+
+def replica_memory(want: int, rounds: int = 30) -> dict[str, dict]:
+    """``TagModel.memory()`` of every replica, calls 8 at a time so the router spreads them."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("TagModel", app_name=APP)
+    seen: dict[str, dict] = {}
+    for _ in range(rounds):
+        for r in [h.memory.remote() for _ in range(8)]:
+            m = r.result(timeout_s=120)
+            seen[m["replica"]] = m
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def mem_row(m: dict) -> dict:
+    w = m.get("weights_mapping") or {}
+    return {
+        "pid": m["pid"],
+        "device": m.get("device"),  # on GPU the weights live in device memory: USS does not see them
+        "uss": m["uss"],
+        "rss": m["rss"],
+        "runtime_uss": m["uss_before_base"],
+        "attach_private": m["uss_after_base"] - m["uss_before_base"],
+        "serving_growth": m["uss"] - m["uss_after_base"],
+        "weights_path": w.get("path"),
+        "weights_private": (w.get("private_clean_kb", 0) + w.get("private_dirty_kb", 0)) * 1024,
+        "weights_shared": (w.get("shared_clean_kb", 0) + w.get("shared_dirty_kb", 0)) * 1024,
+    }
+
+
+def memory_report(one: list[dict], two: list[dict], base_bytes: int) -> dict:
+    """What the second replica adds: whole-process USS, the private part of attaching the base, and
+    private pages in the weights' mapping (a copy of the weights would show up there)."""
+    first = {m["pid"] for m in one}
+    new = [m for m in two if m["pid"] not in first] or two[-1:]
+    extra = new[0]
+    frac = {k: extra[k] / base_bytes for k in ("uss", "attach_private", "weights_private")}
+    return {
+        "base_bytes": base_bytes,
+        "one_replica": one,
+        "two_replicas": two,
+        "first_replica_kept": bool(first & {m["pid"] for m in two}),
+        "node_uss_delta": sum(m["uss"] for m in two) - sum(m["uss"] for m in one),
+        "extra_replica": {
+            k: extra[k] for k in ("pid", "uss", "runtime_uss", "attach_private", "weights_private")
+        },
+        "extra_fraction_of_base": frac,
+        "target_le_10pct": {k: v <= 0.10 for k, v in frac.items()},
+    }
+
+
+def start_ray(tmp: str, cpus: float) -> None:
+    import ray
+
+    os.environ.update({k: v for k, v in ENV.items() if k not in os.environ})
+    env = dict(ENV)
+    if os.environ.get("TAGRAY_CACHE"):
+        env["TAGRAY_CACHE"] = os.environ["TAGRAY_CACHE"]
+    ray.init(
+        address="local",  # always a fresh local instance: never join someone else's cluster
+        num_cpus=max(4, math.ceil(2 * cpus) + 1),  # logical: room for 2 replicas + the ingress
+        object_store_memory=2 * 1024**3,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=os.path.join(tmp, "ray"),
+        runtime_env={"env_vars": env},
+    )
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def run_scenarios(a: argparse.Namespace, url: str, headers: dict, unbatched: Any) -> dict:
+    """Homogeneous, mixed and unbatched, alternating in ``a.rounds`` rounds; returns their summaries.
+
+    ``unbatched(True)`` switches batching off and returns the URL to load, ``unbatched(False)`` switches it
+    back on; ``None`` skips the unbatched scenario.
+    """
+    cat = httpx.get(url + "/v1/tags", headers=headers, timeout=60).json()
+    shapes, ens_rows = compositions(cat)
+    ranked = shapes[:]
+    random.Random(a.seed).shuffle(ranked)  # one popularity ranking for the whole run
+    rng = random.Random(a.seed + 1)
+    per = max(1, a.requests // a.rounds)
+    un_per = max(1, (a.unbatched_requests or a.requests) // a.rounds)
+    sc = {
+        "homogeneous": Scenario("homogeneous", "one composition; closed loop"),
+        "mixed": Scenario("mixed", f"Zipf({a.zipf}) over {len(shapes)} compositions; Poisson arrivals"),
+        "unbatched": Scenario("unbatched", "homogeneous workload; max_batch_size=1; closed loop"),
+    }
+    if a.mixed_closed:  # separates the cost of mixing compositions from that of random arrivals
+        sc["mixed_closed"] = Scenario("mixed_closed", "the mixed workload; closed loop")
+    c = a.concurrency
+
+    def rows_of(body: dict) -> int:
+        return ens_rows.get(body.get("ensemble", ""), 1)
+
+    def measure(name: str, at: str, bodies: list[dict], warm: list[dict], rate: float | None = None) -> None:
+        load(at, warm, c, headers, timeout_s=a.timeout)  # warm-up (encoders, allocator): not counted
+        before = server_stats(at, headers)
+        la = os.getloadavg()[0]
+        arrivals = poisson(len(bodies), rate, rng) if rate else None
+        res = load(at, bodies, c, headers, timeout_s=a.timeout, arrivals=arrivals)
+        extra = {"loadavg_1m": la} | ({"offered_rps": rate} if rate else {})
+        sc[name].add(res, sum(map(rows_of, bodies)), before, server_stats(at, headers), extra)
+        s = sc[name].rounds[-1]
+        print(
+            f"  {name:12s} {s['requests']:5d} requests {s['rps']:7.1f} req/s  (load avg {la:.1f})", flush=True
+        )
+
+    for r in range(a.rounds):
+        print(f"round {r + 1}/{a.rounds}", flush=True)
+        off = r * per
+        measure("homogeneous", url, homogeneous(shapes, per, off), homogeneous(shapes, c, 7))
+        # default: offer more than the homogeneous capacity, so the achieved rate is mixed's capacity
+        rate = a.rate or a.rate_factor * sc["homogeneous"].rounds[-1]["rps"]
+        warm = mixed(ranked, c, a.zipf, random.Random(a.seed + 99), 7)
+        measure("mixed", url, mixed(ranked, per, a.zipf, rng, off), warm, rate=rate)
+        if a.mixed_closed:
+            measure(
+                "mixed_closed", url, mixed(ranked, per, a.zipf, random.Random(a.seed + 1000 + r), off), warm
+            )
+        if unbatched is not None:
+            at = unbatched(True)
+            measure("unbatched", at, homogeneous(shapes, un_per, off), homogeneous(shapes, c, 7))
+            unbatched(False)
+    out: dict[str, Any] = {k: v.summary() for k, v in sc.items() if v.status}
+    out["_workload"] = {
+        "compositions": len(shapes),
+        "homogeneous": homogeneous(shapes, 1)[0],
+        "most_popular": ranked[:5],
+    }
+    return out
+
+
+def ratios(sc: dict) -> dict:
+    """Throughput ratios over all rounds, and the median of the per-round (paired) ratios, which a change
+    of background load during the run distorts less."""
+    h, m, u = sc.get("homogeneous"), sc.get("mixed"), sc.get("unbatched")
+    out: dict[str, Any] = {}
+
+    def paired(num: dict, den: dict) -> list[float]:
+        return [x["rps"] / y["rps"] for x, y in zip(num["rounds"], den["rounds"], strict=False) if y["rps"]]
+
+    if h and m and h["rps"]:
+        out["mixed_over_homogeneous_rps"] = m["rps"] / h["rps"]
+        out["mixed_over_homogeneous_rows_per_s"] = m["rows_per_s"] / h["rows_per_s"]
+        out["mixed_over_homogeneous_rps_per_round"] = paired(m, h)
+        out["mixed_over_homogeneous_rps_median_round"] = statistics.median(paired(m, h))
+    mc = sc.get("mixed_closed")
+    if h and mc and h["rps"]:
+        out["mixed_closed_over_homogeneous_rps"] = mc["rps"] / h["rps"]
+        out["mixed_closed_over_homogeneous_rows_per_s"] = mc["rows_per_s"] / h["rows_per_s"]
+        out["mixed_closed_over_homogeneous_rps_per_round"] = paired(mc, h)
+    if h and u and u["rps"]:
+        out["batched_over_unbatched_rps"] = h["rps"] / u["rps"]
+        out["batched_over_unbatched_rps_per_round"] = paired(h, u)
+        out["batched_over_unbatched_rps_median_round"] = statistics.median(paired(h, u))
+    out["targets"] = {
+        "mixed_over_homogeneous_rps>=0.9": out.get("mixed_over_homogeneous_rps", 0) >= 0.9 if m else None,
+        "batched_over_unbatched_rps>=2": out.get("batched_over_unbatched_rps", 0) >= 2 if u else None,
+    }
+    return out
+
+
+def print_table(res: dict) -> None:
+    sc, c = res["scenarios"], res["config"]["concurrency"]
+    print(
+        f"\n{res['config']['model']}, concurrency {c}, {res['machine']['cpus']} CPUs (load avg "
+        f"{res['machine']['loadavg_start'][0]:.1f} at start)"
+    )
+    print(
+        f"{'scenario':12s} {'requests':>8s} {'req/s':>7s} {'rows/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} "
+        f"{'errors':>6s} {'rows/pass':>9s}"
+    )
+    for name, s in sc.items():
+        if name.startswith("_"):
+            continue
+        rpp, p50, p99 = s["rows_per_forward_pass"], s["p50_ms"], s["p99_ms"]
+        print(
+            f"{name:12s} {s['requests']:8d} {s['rps']:7.1f} {s['rows_per_s']:7.1f} "
+            f"{'-' if p50 is None else round(p50)!s:>8s} {'-' if p99 is None else round(p99)!s:>8s} "
+            f"{s['errors']:6d} {'-' if rpp is None else round(rpp, 1)!s:>9s}"
+        )
+    r = res["ratios"]
+    if "mixed_over_homogeneous_rps" in r:
+        rounds = " ".join(f"{x:.2f}" for x in r["mixed_over_homogeneous_rps_per_round"])
+        print(
+            f"mixed / homogeneous:   {r['mixed_over_homogeneous_rps']:.2f} req/s "
+            f"({r['mixed_over_homogeneous_rows_per_s']:.2f} rows/s; per round {rounds})   target >= 0.9"
+        )
+    if "mixed_closed_over_homogeneous_rps" in r:
+        print(
+            f"mixed closed-loop / homogeneous: {r['mixed_closed_over_homogeneous_rps']:.2f} req/s "
+            f"({r['mixed_closed_over_homogeneous_rows_per_s']:.2f} rows/s)"
+        )
+    if "batched_over_unbatched_rps" in r:
+        rounds = " ".join(f"{x:.2f}" for x in r["batched_over_unbatched_rps_per_round"])
+        print(
+            f"batched / unbatched:   {r['batched_over_unbatched_rps']:.2f} req/s (per round {rounds})   "
+            "target >= 2"
+        )
+    mi = res.get("predictor_micro")
+    if mi:
+        print(
+            f"Predictor alone (no Serve), {mi['requests']} requests, {mi['threads']} thread(s): "
+            f"{mi['batched_over_single']:.2f}x faster in one batch than one by one"
+        )
+    m = res.get("memory")
+    if m:
+        e, f = m["extra_replica"], m["extra_fraction_of_base"]
+        one = ", ".join(f"{x['uss'] / MiB:.0f}" for x in m["one_replica"])
+        two = ", ".join(f"{x['uss'] / MiB:.0f}" for x in m["two_replicas"])
+        print(
+            f"memory: base {m['base_bytes'] / MiB:.0f} MiB shared; replica USS with 1 replica: {one} MiB; "
+            f"with 2: {two} MiB"
+        )
+        print(
+            f"extra replica: USS {e['uss'] / MiB:.0f} MiB ({f['uss']:.0%} of base; runtime before the base "
+            f"{e['runtime_uss'] / MiB:.0f} MiB), attaching the base +{e['attach_private'] / MiB:.0f} MiB "
+            f"({f['attach_private']:.0%}), private weight pages {e['weights_private'] / MiB:.1f} MiB "
+            f"({f['weights_private']:.1%})   target <= 10%"
+        )
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["smollm2-135m", "tiny"], default="smollm2-135m")
+    p.add_argument("--requests", type=int, default=400, help="requests per scenario (all rounds)")
+    p.add_argument("--unbatched-requests", type=int, default=None, help="default: --requests")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2, help="scenarios alternate in this many rounds")
+    p.add_argument("--rate", type=float, default=None, help="mixed: Poisson rate (req/s); default auto")
+    p.add_argument("--rate-factor", type=float, default=1.25, help="auto rate = this x homogeneous req/s")
+    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of composition popularity")
+    p.add_argument("--tagsets", type=int, default=6)
+    p.add_argument("--tag-length", type=int, default=10)
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica (torch threads)")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (bf16 when > 0)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=None, help="user_config batch_wait_timeout_s (5 ms)"
+    )
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per measured load")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--url", default=None, help="a running app: homogeneous + mixed only")
+    p.add_argument("--unbatched-url", default=None, help="with --url: an app with max_batch_size=1")
+    p.add_argument("--token", default=os.environ.get("TAGRAY_SERVE_TOKEN"), help="bearer token (--url)")
+    p.add_argument("--mixed-closed", action="store_true", help="also run the mixed workload closed loop")
+    p.add_argument("--no-memory", action="store_true", help="skip the 1 vs 2 replica memory phase")
+    p.add_argument("--no-micro", action="store_true", help="skip the in-process Predictor batch/single check")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 50 requests, 1 round")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/serve_bench[_smoke].json)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.model, a.requests, a.rounds, a.tagsets, a.tag_length = "tiny", min(a.requests, 50), 1, 5, 3
+    a.out = a.out or str(RESULTS / ("serve_bench_smoke.json" if a.smoke else "serve_bench.json"))
+    return a
+
+
+def _sigterm(*_: Any) -> None:
+    raise KeyboardInterrupt  # run the clean-up in main's finally
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    headers = {"Authorization": f"Bearer {a.token}"} if a.token else {}
+    t_start = time.time()
+    res: dict[str, Any] = {
+        "config": {k: v for k, v in vars(a).items() if k != "token"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "loadavg_start": os.getloadavg(),
+        },
+    }
+    signal.signal(signal.SIGTERM, _sigterm)
+    tmp = tempfile.mkdtemp(prefix="tagray-bench-")
+    started = False
+    try:
+        if a.url:
+            url = a.url.rstrip("/")
+            other = a.unbatched_url.rstrip("/") if a.unbatched_url else None
+            res["scenarios"] = run_scenarios(a, url, headers, (lambda on: other) if other else None)
+            res["memory"] = None  # needs the bench to own the deployment
+        else:
+            from ray import serve
+
+            start_ray(tmp, a.cpus)
+            dtype = "bfloat16" if a.gpus > 0 else "float32"  # what build_app's dtype=auto picks
+            started = True
+            base = tiny_base_dir(os.path.join(tmp, "tiny")) if a.model == "tiny" else "smollm2-135m"
+            registry = os.path.join(tmp, "registry")
+            t = time.time()
+            build_registry(base, registry, a.tagsets, a.tag_length, dtype)
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+            def put(replicas: int, batch: int, version: str) -> None:
+                cfg = app_config(registry, base, a.cpus, replicas, batch, version)
+                cfg["args"].update(gpus=a.gpus, dtype=dtype)
+                if a.batch_wait_ms is not None:
+                    cfg["deployments"][0]["user_config"]["batch_wait_timeout_s"] = a.batch_wait_ms / 1e3
+                cfg["args"]["max_ongoing_requests"] = max(64, 2 * a.concurrency)
+                deploy(cfg, url)
+
+            def unbatched(on: bool) -> str:
+                put(1, 1 if on else a.max_batch_size, "unbatched" if on else "batched")  # in place
+                return url
+
+            put(1, a.max_batch_size, "batched")
+            res["startup_s"] = time.time() - t
+            print(f"app up on {url} in {res['startup_s']:.0f}s ({a.model})", flush=True)
+            if a.gpus == 0 and not a.no_micro:
+                n = min(a.concurrency, 32)
+                res["predictor_micro"] = m = predictor_micro(base, registry, dtype, max(1, int(a.cpus)), n)
+                print(
+                    f"Predictor alone, {n} requests: {m['single_s']:.2f}s one by one, {m['batched_s']:.2f}s "
+                    f"in one batch ({m['batched_over_single']:.2f}x)",
+                    flush=True,
+                )
+            res["scenarios"] = run_scenarios(a, url, headers, unbatched)
+            if not a.no_memory:
+                one = list(replica_memory(1).values())
+                put(2, a.max_batch_size, "two-replicas")  # scaled in place: the first replica stays
+                shapes = compositions(httpx.get(url + "/v1/tags", timeout=60).json())[0]
+                load(url, homogeneous(shapes, 4 * a.concurrency), a.concurrency, headers)  # both serve
+                two = list(replica_memory(2).values())
+                res["memory"] = (
+                    memory_report([mem_row(m) for m in one], [mem_row(m) for m in two], one[0]["base_bytes"])
+                    if len(two) == 2
+                    else {"error": f"reached {len(two)} of 2 replicas"}
+                )
+    finally:
+        if started:
+            import ray
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()  # a local instance: stops every process it started, the base owner too
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["ratios"] = ratios(res["scenarios"])
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    res["total_s"] = time.time() - t_start
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print_table(res)
+    print(f"\nwrote {a.out} ({res['total_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # `python bench/serve_bench.py` from a checkout without `pip install -e`
+    raise SystemExit(main())
