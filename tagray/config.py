@@ -100,6 +100,8 @@ class StageConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     train_tags: list | None = None
     """Tags to train; default: the tags these tasks use that earlier stages did not create."""
+    untrained_tags: list = field(default_factory=list)
+    """New tags kept at their initial value (ablations, e.g. a head reading an untrained function tag)."""
     init_from: str | None = "previous"
     """``previous`` (the stage before), a stage name, a tag-set path (local or s3://), or null."""
     eval_tasks: list = field(default_factory=list)

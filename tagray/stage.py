@@ -117,14 +117,19 @@ def build_setup(job: StageJob, base: Base | None = None) -> Setup:
         for t, kind in tag_kinds(td.spec, td.tags()).items():
             used.setdefault(t, kind)
     known = dict(prev.tag_info) if prev else {}
+    untrained = set(job.stage.untrained_tags)
+    if untrained - set(used):
+        raise ConfigError("untrained_tags", f"{sorted(untrained - set(used))} are used by no task")
     if job.stage.train_tags is not None:
         train_tags = set(job.stage.train_tags)
         bad = train_tags - set(used) - set(known)
         if bad:
             raise ConfigError("train_tags", f"{sorted(bad)} are used by no task of stage {job.stage.name!r}")
     else:
-        train_tags = {t for t in used if t not in known}
-    missing = [t for t in used if t not in known and t not in train_tags]
+        train_tags = {t for t in used if t not in known and t not in untrained}
+    if train_tags & untrained:
+        raise ConfigError("untrained_tags", f"{sorted(train_tags & untrained)} are also in train_tags")
+    missing = [t for t in used if t not in known and t not in train_tags and t not in untrained]
     if missing:
         raise ConfigError("train_tags", f"{missing} are needed by the tasks but neither trained nor loaded")
     for td in eval_tasks:

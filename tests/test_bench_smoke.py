@@ -84,3 +84,24 @@ def test_gpu_bench_lengths_match_the_measured_smiles_distribution():
     assert 53 <= sum(xs) / len(xs) <= 57  # measured: mean 55, median 52, p95 80, max 287
     assert abs(xs[len(xs) // 2] - 52) <= 1 and abs(xs[int(0.95 * len(xs))] - 80) <= 2
     assert 30 <= xs[0] and xs[-1] <= 287
+
+
+def test_reproduce_smoke(tmp_path):
+    from bench import reproduce
+
+    out, doc = tmp_path / "reproduce.json", tmp_path / "reproduction.md"
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--smoke", "--out", str(out), "--doc", str(doc), "--work", str(tmp_path / "w"), "--cross", ""]
+        assert reproduce.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    methods = {"tag-llm", "train-mean", "prompt-tuning+head", "lora+head", "linear-probe"}
+    assert set(res["main"]) == methods
+    for per in res["main"].values():
+        assert set(per) == {"qed", "logp", "descriptor"}
+        assert all(math.isfinite(m["mse"]) and m["mse"] > 0 for m in per.values())
+    assert len(res["ablations"]) == 3 and set(res["sweep"]) == {"1", "2"}
+    text = doc.read_text()
+    assert "| tag-llm |" in text and "## Ablations" in text and "python bench/reproduce.py --smoke" in text

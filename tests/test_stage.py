@@ -158,3 +158,39 @@ def test_stage_config_errors_name_the_key(tiny_llama):
     with pytest.raises(ConfigError) as e:
         run_stage(StageJob(stage=cfg.stages[0]), Runtime(), base=tiny_llama)
     assert e.value.field == "train_tags"
+
+
+def test_untrained_tags_stay_at_init_while_the_head_trains(tiny_llama, tmp_path):
+    def stage(**extra):
+        return parse_pipeline(
+            {
+                "name": "x",
+                "train": {"max_steps": 3, "eval_every": 3, "batch_size": 4, "eval_rows": 8, "tag_length": 1},
+                "stages": [{"name": "s", "tasks": [{"task": "qed", "limits": SMALL}], **extra}],
+            }
+        ).stages[0]
+
+    ts, _ = run_stage(
+        StageJob(stage=stage(untrained_tags=["<QED>"], train_tags=["<SMILES>"])), Runtime(), base=tiny_llama
+    )
+    emb = tiny_llama.model.get_input_embeddings().weight
+    from tagray.core.tags import mean_embedding_init
+
+    init = mean_embedding_init(emb, 1, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(ts.tags["<QED>"], init)  # never trained
+    assert not torch.equal(ts.tags["<SMILES>"], init)  # trained beside it
+    assert "<QED>" in ts.heads
+    for bad, field in (
+        ({"untrained_tags": ["<Nope>"]}, "untrained_tags"),
+        ({"untrained_tags": ["<QED>"], "train_tags": ["<QED>"]}, "untrained_tags"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            run_stage(StageJob(stage=stage(**bad)), Runtime(), base=tiny_llama)
+        assert e.value.field == field
+
+
+def test_format_decimal_label():
+    from tagray.tasks.labels import compute
+
+    assert compute("format.decimal", 0.12345) == "0.123"
+    assert compute("format.decimal", "x") is None

@@ -74,6 +74,15 @@ def blosum1(seq: str) -> float | None:
         return None
 
 
+@label("format.decimal")
+def decimal(value) -> str | None:
+    """A number written as text with three decimals (targets an LM writes out, e.g. the no-head ablation)."""
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return None
+
+
 def compute(name: str, *args):
     if name not in LABELS:
         raise ConfigError("derive.fn", f"unknown label function {name!r}; available: {sorted(LABELS)}")
