@@ -5,7 +5,7 @@ STAMP := $(VENV)/.tagray-installed
 # GPU users: install your CUDA torch into the venv first and set TORCH_SPEC= (empty).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint bench bench-serve bench-gpu clean
+.PHONY: demo test test-fast lint bench bench-serve bench-gpu reproduce clean
 
 $(STAMP): pyproject.toml requirements-data.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: $(STAMP)   ## training throughput: tagray vs PEFT prompt tuning (CPU, Smo
 
 bench-serve: $(STAMP)   ## Serve app: homogeneous vs mixed-tag vs unbatched, replica memory
 	$(PY) bench/serve_bench.py
+
+reproduce: $(STAMP)   ## Tag-LLM vs prompt tuning / LoRA / linear probing, ablations, tag-length sweep, BLEU
+	$(PY) bench/reproduce.py
 
 bench-gpu:   ## on a CUDA machine; needs only torch, transformers and peft (no venv, no Ray)
 	python3 bench/gpu_bench.py

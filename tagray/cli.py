@@ -41,6 +41,11 @@ def cmd_pipeline(args) -> int:
         cfg, executor="local" if args.local else "ray", only=only, address=args.address, force=args.force
     )
     print(format_results(results))
+    registry = cfg.registry_dir()
+    if registry and cfg.stages[-1].name in results:
+        print(
+            f"\npublished as tag set {cfg.name!r} to {registry}; serve it: tagray serve --registry {registry}"
+        )
     return 0
 
 

@@ -53,6 +53,9 @@ class TrainConfig:
     the mean token embedding."""
     probe_rows: int = 256
     """Training rows per new head used for its feature statistics and ridge init."""
+    track_feature_mean: float = 0.2
+    """Momentum with which each new head's feature mean follows the (changing) tags during training, as in
+    BatchNorm; 0 keeps the statistics measured at the start."""
     select_metric: str = "val_loss"
     """Metric that picks the best checkpoint (lower is better)."""
 
@@ -64,6 +67,8 @@ class TrainConfig:
             raise ConfigError("lr", "must be > 0")
         if self.head_init not in ("ridge", "paper"):
             raise ConfigError("head_init", "use ridge or paper")
+        if not 0 <= self.track_feature_mean <= 1:
+            raise ConfigError("track_feature_mean", "must be in [0, 1]")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("warmup_ratio", "must be in [0, 1)")
 
@@ -118,6 +123,14 @@ class PipelineConfig:
     """Where runs go: a local folder or ``s3://bucket/prefix``; stage artifacts land in ``output/name/stage``."""
     dtype: str = "auto"
     """Base weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."""
+    registry: str | None = "auto"
+    """Tag registry the last stage's artifact is published to as tag set ``name`` (what ``tagray serve``
+    loads): ``auto`` = ``output/registry``, a folder or ``s3://`` prefix, or null to skip."""
+
+    def registry_dir(self) -> str | None:
+        if self.registry == "auto":
+            return self.output.rstrip("/") + "/registry"
+        return self.registry
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

@@ -110,7 +110,25 @@ def run_pipeline(
         ts = load_tagset(job.output)
         results[job.stage.name] = {"path": job.output, "test": _test_metrics(ts, job)}
     _write_summary(run_dir, results)
+    _publish(cfg, run_dir)
     return results
+
+
+def _publish(cfg: PipelineConfig, run_dir: str) -> None:
+    """Put the last stage's artifact (it holds every earlier stage's tags too) in the tag registry."""
+    registry, last = cfg.registry_dir(), f"{run_dir}/{cfg.stages[-1].name}"
+    if not registry or not is_tagset(last):
+        return
+    from .registry import publish_tagset
+
+    dest = publish_tagset(_abs(registry), cfg.name, last)
+    log.info(
+        "published %s to the tag registry as %r (%s): tagray serve --registry %s",
+        last,
+        cfg.name,
+        dest,
+        registry,
+    )
 
 
 def _test_metrics(ts, job: StageJob) -> dict:

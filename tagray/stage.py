@@ -175,7 +175,9 @@ def build_setup(job: StageJob, base: Base | None = None) -> Setup:
         if head_entries
         else None
     )
-    model = TagLLM(base.model, bank, heads, isolate_spans=cfg.isolate_spans)
+    model = TagLLM(
+        base.model, bank, heads, isolate_spans=cfg.isolate_spans, track_momentum=cfg.track_feature_mean
+    )
     task_specs = dict(prev.tasks) if prev else {}
     task_specs.update({td.spec.name: td.spec.to_json() for td in tasks + eval_tasks})
     setup = Setup(model, base, tasks, eval_tasks, prev, info, train_tags, train_heads, task_specs)
@@ -439,6 +441,8 @@ def load_checkpoint(path: str, setup: Setup, opt: torch.optim.Optimizer) -> dict
             m.tags.get(name).copy_(ts.tags[name])
         for name in setup.train_heads:
             m.heads.get(name).copy_(ts.heads[name])
+            if name in ts.head_stats:  # the running feature mean moves during training
+                m.heads.set_stats(name, ts.head_stats[name][0], ts.head_stats[name][1])
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     flat = load_file(os.path.join(path, "optimizer.safetensors"))
@@ -514,6 +518,7 @@ def run_stage(
             best_state = (
                 {n: best.tags[n] for n in setup.train_tags},
                 {n: best.heads[n] for n in setup.train_heads},
+                {n: best.head_stats[n] for n in setup.train_heads if n in best.head_stats},
             )
         state["resumed_from_step"] = state["step"]
         rt.log(f"stage {job.stage.name}: resumed from step {state['step']}")
@@ -590,6 +595,8 @@ def run_stage(
                 model.tags.get(n).copy_(t)
             for n, t in best_state[1].items():
                 model.heads.get(n).copy_(t)
+            for n, st in best_state[2].items():
+                model.heads.set_stats(n, st[0], st[1])
     test = {}
     if rt.rank == 0:
         test = evaluate(
@@ -638,6 +645,9 @@ def _validate_and_report(
             best_state = (
                 {n: setup.model.tags.get(n).detach().clone() for n in setup.train_tags},
                 {n: setup.model.heads.get(n).detach().clone() for n in setup.train_heads},
+                {n: st for n, st in setup.model.heads.stats().items() if n in setup.train_heads}
+                if setup.model.heads is not None
+                else {},
             )
         metrics["best_val"] = state["best"]
         state["history"].append({k: v for k, v in metrics.items() if not k.startswith("val/")})
@@ -654,6 +664,7 @@ def _validate_and_report(
                 ts = current_tagset(setup, stage=job.stage.name)
                 ts.tags.update({n: t.cpu() for n, t in best_state[0].items()})
                 ts.heads.update({n: t.cpu() for n, t in best_state[1].items()})
+                ts.head_stats.update(best_state[2])
                 save_tagset(ts, os.path.join(d, "best"))
         rt.report(metrics, d if rt.rank == 0 else None)
     return best_state

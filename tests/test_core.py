@@ -238,3 +238,31 @@ def test_packed_bank_keeps_ddp_safe_single_parameter(tiny_llama):
         (6, tiny_llama.d_model),
         (1, tiny_llama.d_model + 1),
     ]
+
+
+def test_heads_track_their_feature_mean_and_frozen_heads_do_not():
+    d = 4
+    spec = HeadSpec("regression", 1, (0.0,), (1.0,))
+    bank = HeadBank(
+        {"<A>": torch.zeros(1, d + 1), "<B>": torch.zeros(1, d + 1)},
+        {"<A>": spec, "<B>": spec},
+        d,
+        trainable={"<B>"},
+    )
+    a, b = bank.names.index("<A>"), bank.names.index("<B>")
+    h = torch.tensor([[1.0, 2, 3, 4], [3.0, 2, 1, 0], [9.0, 9, 9, 9]])
+    bank.track_mean(h, torch.tensor([b, b, a]), momentum=0.5)
+    mu, _ = bank.stats()["<B>"]
+    assert torch.allclose(mu, 0.5 * torch.tensor([2.0, 2, 2, 2]))  # half-way to the batch mean of its rows
+    assert torch.equal(bank.stats()["<A>"][0], torch.zeros(d))  # frozen (earlier stage): never moves
+    # a common shift of every input is absorbed: predictions keep their spread, the mean follows the shift
+    bank.get("<B>").data[:, :d] = 1.0
+    x = torch.randn(64, d)
+    with torch.no_grad():
+        before = bank(x)[:, b]
+        for _ in range(80):
+            bank.track_mean(x + 5.0, torch.full((64,), b), momentum=0.2)
+        after = bank(x + 5.0)[:, b]
+    assert torch.allclose(bank.stats()["<B>"][0], x.mean(0) + 5.0, atol=1e-4)
+    assert torch.allclose(after - after.mean(), before - before.mean(), atol=1e-4)
+    assert abs(float(after.mean())) < 1e-3  # centred on the tracked mean, not off by 5 * sum(w)

@@ -194,3 +194,19 @@ def test_format_decimal_label():
 
     assert compute("format.decimal", 0.12345) == "0.123"
     assert compute("format.decimal", "x") is None
+
+
+def test_pipeline_publishes_its_last_stage_to_the_registry(three_stages, tiny_llama):
+    from tagray.predict import Predictor
+    from tagray.registry import list_tagsets
+
+    cfg, res = three_stages
+    registry = cfg.registry_dir()
+    assert registry == cfg.output + "/registry" and list_tagsets(registry) == ["t"]
+    cross = load_tagset(res["cross"]["path"])
+    served = load_tagset(registry + "/tagsets/t")
+    assert set(served.tags) == set(cross.tags) and torch.equal(served.heads["<QED>"], cross.heads["<QED>"])
+    # what `tagray serve --registry` loads answers a stage-2 task from the published last stage
+    pred = Predictor.from_registry(tiny_llama, registry)
+    (out,) = pred.predict([{"tag": "<QED>", "inputs": {"smiles": "CCO"}}])
+    assert out["tagset"] == "t" and isinstance(out["prediction"], float)

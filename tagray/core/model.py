@@ -70,6 +70,7 @@ class TagLLM(nn.Module):
         heads: optional :class:`HeadBank` for regression / classification.
         isolate_spans: apply :func:`isolated_span_mask` (domain spans do not see the prompt before them).
         lm_chunk: rows per chunk of the chunked LM loss.
+        track_momentum: momentum of the heads' running feature mean in training (0: fixed statistics).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class TagLLM(nn.Module):
         *,
         isolate_spans: bool = False,
         lm_chunk: int = 1024,
+        track_momentum: float = 0.0,
     ):
         super().__init__()
         self.base = base
@@ -87,6 +89,7 @@ class TagLLM(nn.Module):
         self.heads = heads
         self.isolate_spans = isolate_spans
         self.lm_chunk = lm_chunk
+        self.track_momentum = track_momentum  # >0: heads track their feature mean while training
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -145,6 +148,11 @@ class TagLLM(nn.Module):
             n_tokens = int(sel.sum())
 
         head_idx = batch.get("head_idx")
+        if self.training and self.track_momentum > 0 and self.heads is not None and head_idx is not None:
+            # every rank calls this on every step, rows or not: it all-reduces under DDP
+            sel = (head_idx >= 0).nonzero()[:, 0]
+            h = hidden[sel, batch["head_pos"][sel]].detach()
+            self.heads.track_mean(h, head_idx[sel], self.track_momentum)
         if self.heads is not None and head_idx is not None and bool((head_idx >= 0).any()):
             rows = (head_idx >= 0).nonzero()[:, 0]
             h = hidden[rows, batch["head_pos"][rows]]  # (N, d)

@@ -37,6 +37,13 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        # an embedded local Ray; the dashboard stays off and nothing listens beyond this machine
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        # an embedded local Ray, listening on this machine only. The dashboard (http://127.0.0.1:8265) also
+        # serves the State API that Ray Train's placement-group cleaner polls: without it every stage
+        # logs "Failed to query Ray Train Controller actor state" warnings.
+        ray.init(
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
     log.info("ray: %s", ray.cluster_resources())

@@ -70,6 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not tl.handlers:
         tl.addHandler(logging.StreamHandler())
         tl.setLevel(logging.INFO)
+        tl.propagate = False  # Ray's worker root logger would print every line a second time
     jd = dict(config["job"])
     job = StageJob(stage=stage_from_dict(jd.pop("stage")), **jd)
     rt = RayTrainRuntime(job.stage.scaling.strategy)
