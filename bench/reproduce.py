@@ -146,8 +146,8 @@ def no_head_run(args, base: Base, name: str, init: str) -> dict:
     st = pipeline(args, [task], train_tags=[ftag])
     ts, _ = run_stage(StageJob(st, init_from=init), Quiet(device=args.device), base=base)
     tspec = load_task(task)
-    rows = build_task_data(tspec).splits["test"][: args.test_rows]
     model = TagLLM(base.model, TagBank(ts.tags)).to(args.device).eval()
+    rows = encodable(tspec, base, model, build_task_data(tspec).splits["test"][: args.test_rows])
     hyps = generate_text(model, None, tspec, rows, torch.device(args.device), 16, 8, tokenizer=base.tokenizer)
     train_mean = sum(r[col] for r in build_task_data(tspec).splits["train"]) / len(
         build_task_data(tspec).splits["train"]
@@ -163,6 +163,22 @@ def no_head_run(args, base: Base, name: str, init: str) -> dict:
     y = torch.tensor([r[col] for r in rows])
     out = regression_metrics(torch.tensor(preds), y)
     out.update({"unparsed": bad, "n": len(rows), "examples": hyps[:3]})
+    return out
+
+
+def encodable(spec, base: Base, model: TagLLM, rows: list[dict]) -> list[dict]:
+    """The rows whose prompt fits ``spec.max_length`` (tagray skips longer ones in training and tests too)."""
+    from tagray.core.errors import InputError
+    from tagray.stage import encoder_for
+
+    enc = encoder_for(spec, base.tokenizer, model.tags)
+    out = []
+    for r in rows:
+        try:
+            enc.encode(r, with_target=False)
+            out.append(r)
+        except InputError:
+            pass
     return out
 
 
@@ -350,7 +366,7 @@ def translation_bleu(args, base: Base, cross: str) -> dict:
     out = {}
     for name in ("translate", "translate_zeroshot"):
         spec = load_task(name)
-        rows = build_task_data(spec).splits["test"][: args.bleu_rows]
+        rows = encodable(spec, base, model, build_task_data(spec).splits["test"][: args.bleu_rows])
         refs = [r["tgt"] for r in rows]
         tagged = generate_text(model, None, spec, rows, torch.device("cpu"), 16, 48, tokenizer=tok)
         plain = []
