@@ -148,14 +148,13 @@ class TagLLM(nn.Module):
             n_tokens = int(sel.sum())
 
         head_idx = batch.get("head_idx")
-        if self.training and self.track_momentum > 0 and self.heads is not None and head_idx is not None:
-            # every rank calls this on every step, rows or not: it all-reduces under DDP
-            sel = (head_idx >= 0).nonzero()[:, 0]
-            h = hidden[sel, batch["head_pos"][sel]].detach()
-            self.heads.track_mean(h, head_idx[sel], self.track_momentum)
-        if self.heads is not None and head_idx is not None and bool((head_idx >= 0).any()):
+        if self.heads is not None and head_idx is not None:
             rows = (head_idx >= 0).nonzero()[:, 0]
-            h = hidden[rows, batch["head_pos"][rows]]  # (N, d)
+            h = hidden[rows, batch["head_pos"][rows]]  # (N, d): what the heads read
+            if self.training and self.track_momentum > 0:
+                # every rank calls this on every step, rows or not: it all-reduces under DDP
+                self.heads.track_mean(h.detach(), head_idx[rows], self.track_momentum)
+        if self.heads is not None and head_idx is not None and len(rows):
             out = self.heads(h.float())  # (N, R): every head, so DDP sees all trainable heads used
             k = max(s.out_dim if s.kind == "regression" else 1 for s in self.heads.specs.values())
             preds = hidden.new_full((B, k), float("nan"), dtype=torch.float32)
