@@ -37,9 +37,13 @@ def cmd_pipeline(args) -> int:
 
     cfg = load_pipeline(args.config, args.set)
     only = args.stages.split(",") if getattr(args, "stages", None) else None
-    results = run_pipeline(
-        cfg, executor="local" if args.local else "ray", only=only, address=args.address, force=args.force
-    )
+    if args.local:
+        executor = None  # the stage recipe in this process
+    else:
+        from .ray.train import RayExecutor
+
+        executor = RayExecutor(args.address)
+    results = run_pipeline(cfg, executor=executor, only=only, force=args.force)
     print(format_results(results))
     registry = cfg.registry_dir()
     if registry and cfg.stages[-1].name in results:
@@ -57,7 +61,7 @@ def cmd_stage(args) -> int:
 def _frozen_setup(tags: str, task: str, base: str | None):
     from .config import parse_pipeline
     from .core.artifacts import load_tagset
-    from .stage import StageJob, build_setup
+    from .train import StageJob, build_setup
 
     ts = load_tagset(tags)
     base = base or ts.meta.get("base") or "smollm2-135m"
@@ -75,11 +79,12 @@ def _frozen_setup(tags: str, task: str, base: str | None):
 def cmd_eval(args) -> int:
     import torch
 
-    from .stage import evaluate
+    from .train import Runtime
+    from .train.evaluate import evaluate
 
     setup, _ = _frozen_setup(args.tags, args.task, args.base)
     res = evaluate(
-        setup.model, setup, setup.tasks, args.split, torch.device("cpu"), limit=args.limit, generate=True
+        setup, setup.tasks, args.split, Runtime("cpu"), torch.device("cpu"), limit=args.limit, generate=True
     )
     print(json.dumps(res, indent=2))
     return 0

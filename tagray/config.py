@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
-
-import yaml
+from typing import get_type_hints
 
 from .core.errors import ConfigError
+from .util import load_yaml
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,10 @@ class TrainConfig:
     batch_size: int = 8
     """Rows per step per worker."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum x workers)."""
     max_steps: int = 100
+    epochs: float | None = None
+    """If set, the run length in passes over the training rows (overrides ``max_steps``)."""
     eval_every: int = 50
     """Steps between validations (each one reports metrics and a checkpoint)."""
     eval_rows: int = 100
@@ -51,13 +52,24 @@ class TrainConfig:
     """``ridge``: start each new head from a least-squares fit on frozen features of ``probe_rows``
     training rows (linear-probe init, then tags and head train jointly); ``paper``: small weights along
     the mean token embedding."""
-    probe_rows: int = 256
-    """Training rows per new head used for its feature statistics and ridge init."""
+    probe_rows: int = 0
+    """Training rows per new head used for its feature statistics and ridge init (0: all of them; the
+    same pass fills the prefix cache, so it costs what the first epoch's prefixes would)."""
     track_feature_mean: float = 0.2
     """Momentum with which each new head's feature mean follows the (changing) tags during training, as in
     BatchNorm; 0 keeps the statistics measured at the start."""
     select_metric: str = "val_loss"
-    """Metric that picks the best checkpoint (lower is better)."""
+    """Metric that picks the best checkpoint (lower is better). ``val_loss``: each group of tasks that
+    share trainable parameters keeps the step where its own mean validation loss was lowest."""
+    prefix: str = "auto"
+    """``auto``: run each row's frozen prefix (everything before its first trainable tag) without grad and
+    reuse its keys/values across steps and epochs (exact); ``off``: the full forward every step."""
+    prefix_cache_gb: float = 4.0
+    """RAM budget for cached prefix keys/values per worker (bytes per row: see the stage log)."""
+    prefix_cache_dtype: str = "float32"
+    """Storage dtype of cached keys/values: float32 (exact) or bfloat16 (half the memory, approximate)."""
+    prefix_cache_spill: str | None = "auto"
+    """Where rows over the RAM budget go: ``auto`` (a temporary folder), a folder, or null (recompute)."""
 
     def __post_init__(self):
         for k in ("tag_length", "batch_size", "max_steps", "eval_every", "grad_accum", "eval_rows"):
@@ -71,6 +83,16 @@ class TrainConfig:
             raise ConfigError("track_feature_mean", "must be in [0, 1]")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("warmup_ratio", "must be in [0, 1)")
+        if self.probe_rows < 0:
+            raise ConfigError("probe_rows", "must be >= 0 (0: all training rows)")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError("epochs", "must be > 0 (or null to use max_steps)")
+        if self.prefix not in ("auto", "off"):
+            raise ConfigError("prefix", "use auto or off")
+        if self.prefix_cache_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("prefix_cache_dtype", "use float32 or bfloat16")
+        if not self.prefix_cache_gb >= 0:
+            raise ConfigError("prefix_cache_gb", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -219,41 +241,9 @@ def parse_pipeline(d: dict) -> PipelineConfig:
     return _build(PipelineConfig, {**d, "stages": stages}, "")
 
 
-def set_dotted(d: dict, key: str, value: Any) -> None:
-    """``train.lr=1e-3`` or ``stages.1.train.max_steps=5`` on a raw config dict."""
-    parts = key.split(".")
-    cur = d
-    for p in parts[:-1]:
-        if isinstance(cur, list):
-            if not p.isdigit() or int(p) >= len(cur):
-                raise ConfigError(key, f"{p!r} is not a valid list index")
-            cur = cur[int(p)]
-        else:
-            cur = cur.setdefault(p, {})
-    last = parts[-1]
-    if isinstance(cur, list):
-        cur[int(last)] = value
-    else:
-        cur[last] = value
-
-
 def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline YAML (local or s3://) and apply ``key=value`` overrides (values parsed as YAML)."""
-    import fsspec
-
-    if not path.startswith("s3://") and not os.path.exists(path):
-        raise ConfigError("config", f"{path} does not exist")
-    with fsspec.open(path, "r") as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError("config", f"{path} is not valid YAML: {e}") from e
-    for o in overrides or []:
-        if "=" not in o:
-            raise ConfigError("--set", f"expected key=value, got {o!r}")
-        k, v = o.split("=", 1)
-        set_dotted(raw, k.strip(), yaml.safe_load(v))
-    return parse_pipeline(raw)
+    return parse_pipeline(load_yaml(path, overrides))
 
 
 def to_dict(obj) -> dict:

@@ -1,35 +1,44 @@
 """Run a pipeline: its stages in order, each starting from the previous stage's artifact.
 
-``executor="ray"`` runs each stage as a Ray Train job (local embedded Ray, or the cluster at
-``address`` / ``RAY_ADDRESS``); ``executor="local"`` runs the same stage function in this process.
-A stage whose artifact already exists for the same configuration is skipped, and a stage interrupted
-mid-way resumes from its last checkpoint, so re-running a pipeline continues it instead of restarting.
+Each stage runs through an :class:`Executor`: :class:`LocalExecutor` runs the stage recipe in this
+process; :class:`tagray.ray.train.RayExecutor` runs it as a Ray Train job (the CLI picks one, so this
+module never imports Ray). A stage whose artifact already exists for the same configuration is skipped,
+and a stage interrupted mid-way resumes from its last checkpoint, so re-running a pipeline continues it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
+from typing import Protocol
 
 import fsspec
 
 from .config import PipelineConfig, StageConfig, to_dict
 from .core.artifacts import is_tagset, load_tagset
 from .core.errors import ConfigError
-from .stage import Runtime, StageJob, run_stage
+from .train import Runtime, StageJob, run_stage
+from .util import abs_uri, is_remote, stable_hash
 
 log = logging.getLogger("tagray")
 
 
+class Executor(Protocol):
+    """Runs one stage job; the artifact lands at ``job.output``."""
+
+    def run(self, job: StageJob, run_dir: str, config_hash: str) -> None: ...
+
+
+class LocalExecutor:
+    """The stage recipe in this process (``tagray pipeline --local``); checkpoints under ``_local/``."""
+
+    def run(self, job: StageJob, run_dir: str, config_hash: str) -> None:
+        ckpt = None if is_remote(run_dir) else f"{run_dir}/_local/{job.stage.name}-{config_hash}"
+        run_stage(job, Runtime(checkpoint_dir=ckpt), config_hash=config_hash)
+
+
 def stage_hash(cfg: PipelineConfig, st: StageConfig, init: str | None) -> str:
-    doc = {"stage": to_dict(st), "base": cfg.base, "dtype": cfg.dtype, "init": init}
-    return hashlib.blake2b(json.dumps(doc, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
-
-
-def _abs(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+    return stable_hash({"stage": to_dict(st), "base": cfg.base, "dtype": cfg.dtype, "init": init})
 
 
 def resolve_init(cfg: PipelineConfig, st: StageConfig, prev_out: str | None) -> str | None:
@@ -40,7 +49,7 @@ def resolve_init(cfg: PipelineConfig, st: StageConfig, prev_out: str | None) -> 
         return prev_out
     names = [s.name for s in cfg.stages]
     if ref in names:
-        return _abs(cfg.run_dir()) + "/" + ref
+        return abs_uri(cfg.run_dir()) + "/" + ref
     if not is_tagset(ref):
         raise ConfigError(
             f"stages.{st.name}.init_from", f"{ref!r} is neither a stage name nor a tag-set folder"
@@ -50,7 +59,7 @@ def resolve_init(cfg: PipelineConfig, st: StageConfig, prev_out: str | None) -> 
 
 def plan(cfg: PipelineConfig, only: list[str] | None = None) -> list[tuple[StageJob, str, bool]]:
     """``[(job, config hash, already done)]`` for every stage to run, in order."""
-    run_dir = _abs(cfg.run_dir())
+    run_dir = abs_uri(cfg.run_dir())
     out, prev = [], None
     for st in cfg.stages:
         init = resolve_init(cfg, st, prev)
@@ -79,39 +88,38 @@ def plan(cfg: PipelineConfig, only: list[str] | None = None) -> list[tuple[Stage
 
 def run_pipeline(
     cfg: PipelineConfig,
-    executor: str = "ray",
+    executor: Executor | None = None,
     only: list[str] | None = None,
-    address: str | None = None,
     force: bool = False,
 ) -> dict:
-    """Run (or resume) the pipeline; returns ``{stage: {"path": ..., "test": metrics}}``."""
+    """Run (or resume) the pipeline; returns ``{stage: {"path": ..., "test": metrics, ...}}``."""
     jobs = plan(cfg, only)
-    run_dir = _abs(cfg.run_dir())
+    run_dir = abs_uri(cfg.run_dir())
+    executor = executor or LocalExecutor()
     results = {}
-    if executor == "ray":
-        from .ray.session import ensure_ray
-
-        ensure_ray(address)
     for job, h, done in jobs:
         if done and not force:
             log.info("stage %s: done already (%s), skipping", job.stage.name, job.output)
-            ts = load_tagset(job.output)
-            results[job.stage.name] = {"path": job.output, "test": _test_metrics(ts, job), "skipped": True}
+            results[job.stage.name] = {**_stage_result(job), "skipped": True}
             continue
-        if executor == "ray":
-            from .ray.train import fit_stage
-
-            fit_stage(job, storage=f"{run_dir}/_ray", config_hash=h)
-        elif executor == "local":
-            ckpt = None if "://" in run_dir else f"{run_dir}/_local/{job.stage.name}-{h}"
-            run_stage(job, Runtime(checkpoint_dir=ckpt), config_hash=h)
-        else:
-            raise ConfigError("executor", f"unknown executor {executor!r}; use ray or local")
-        ts = load_tagset(job.output)
-        results[job.stage.name] = {"path": job.output, "test": _test_metrics(ts, job)}
+        executor.run(job, run_dir, h)
+        results[job.stage.name] = _stage_result(job)
     _write_summary(run_dir, results)
     _publish(cfg, run_dir)
     return results
+
+
+def _stage_result(job: StageJob) -> dict:
+    """Path, test metrics, and per task the kept step and step-0 metrics (what the summary shows)."""
+    ts = load_tagset(job.output)
+    names = set(ts.meta.get("tasks", [])) | {str(t) for t in job.stage.eval_tasks}
+    mine = {t: m for t, m in ts.metrics.items() if t in names or m.get("stage") == job.stage.name}
+    return {
+        "path": job.output,
+        "test": {t: m.get("test", {}) for t, m in mine.items()},
+        "kept_step": {t: m.get("kept_step") for t, m in mine.items() if "kept_step" in m},
+        "step0": {t: m.get("step0", {}) for t, m in mine.items() if "step0" in m},
+    }
 
 
 def _publish(cfg: PipelineConfig, run_dir: str) -> None:
@@ -121,7 +129,7 @@ def _publish(cfg: PipelineConfig, run_dir: str) -> None:
         return
     from .registry import publish_tagset
 
-    dest = publish_tagset(_abs(registry), cfg.name, last)
+    dest = publish_tagset(abs_uri(registry), cfg.name, last)
     log.info(
         "published %s to the tag registry as %r (%s): tagray serve --registry %s",
         last,
@@ -129,13 +137,6 @@ def _publish(cfg: PipelineConfig, run_dir: str) -> None:
         dest,
         registry,
     )
-
-
-def _test_metrics(ts, job: StageJob) -> dict:
-    names = set(ts.meta.get("tasks", [])) | {str(t) for t in job.stage.eval_tasks}
-    return {
-        t: m.get("test", {}) for t, m in ts.metrics.items() if t in names or m.get("stage") == job.stage.name
-    }
 
 
 def _write_summary(run_dir: str, results: dict) -> None:

@@ -12,7 +12,8 @@ import torch
 from tagray.core.artifacts import TagSet, load_tagset, merge_tagsets, save_tagset
 from tagray.core.base import fingerprint, load_base, same_base
 from tagray.core.errors import ConfigError, FingerprintMismatch
-from tagray.core.tags import HeadSpec, mean_embedding_init
+from tagray.core.heads import HeadSpec
+from tagray.core.tags import mean_embedding_init
 
 
 def make_tagset(base) -> TagSet:

@@ -104,7 +104,7 @@ def tiny_tagset(tiny_base_dir, tmp_path_factory):
             ],
         }
     )
-    return run_pipeline(cfg, executor="local")["single"]["path"]
+    return run_pipeline(cfg)["single"]["path"]
 
 
 def test_predict_and_eval_on_a_trained_tagset(tiny_tagset, capsys, tmp_path):

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from tagray.core.data import BucketBatchSampler, collate, padding_efficiency
 from tagray.core.errors import InputError, UnknownTagError
+from tagray.core.heads import HeadBank, HeadSpec, head_init
 from tagray.core.model import TagLLM, chunked_lm_loss, isolated_span_mask
-from tagray.core.tags import HeadBank, HeadSpec, TagBank, head_init, mean_embedding_init
+from tagray.core.tags import TagBank, mean_embedding_init
 from tagray.core.template import IGNORE, TemplateEncoder, parse_template, template_tags
 
 TEMPLATE = "The SMILES of the molecule is <SMILES> {smiles}. The QED is <QED>"

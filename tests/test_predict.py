@@ -15,8 +15,9 @@ import torch
 from tagray.core.artifacts import TagSet, save_tagset
 from tagray.core.base import Base
 from tagray.core.errors import ConfigError, FingerprintMismatch, InputError, TagrayError, UnknownTagError
+from tagray.core.heads import HeadSpec
 from tagray.core.model import TagLLM
-from tagray.core.tags import HeadSpec, TagBank, mean_embedding_init
+from tagray.core.tags import TagBank, mean_embedding_init
 from tagray.core.template import template_tags
 from tagray.core.weights import export_state, import_state
 from tagray.predict import Predictor
@@ -115,7 +116,9 @@ def qed(smiles: str, **kw) -> dict:
 def test_matches_the_training_path(tiny_llama):
     """A tag set from the real stage code predicts exactly what the training model predicts."""
     from tagray.config import parse_pipeline
-    from tagray.stage import StageJob, build_setup, current_tagset, encode_split, make_batch
+    from tagray.train import StageJob, build_setup
+    from tagray.train.batches import encode_rows, make_batch
+    from tagray.train.checkpoint import current_tagset
 
     cfg = parse_pipeline(
         {
@@ -130,9 +133,9 @@ def test_matches_the_training_path(tiny_llama):
     with torch.no_grad():  # make the tags differ from their (identical) init
         setup.model.tags.trainable.add_(torch.randn_like(setup.model.tags.trainable) * 0.1)
     setup.model.eval()
-    exs = encode_split(setup, setup.tasks, "test", 8)
+    exs = encode_rows(setup.tasks, tiny_llama.tokenizer, setup.model.tags, "test", 8)
     with torch.no_grad():
-        want = setup.model(make_batch(setup.model, exs, tiny_llama.tokenizer.pad_token_id)).preds[:, 0]
+        want = setup.model(make_batch(exs, setup.head_names(), tiny_llama.tokenizer.pad_token_id)).preds[:, 0]
     rows = setup.tasks[0].splits["test"][:8]
     p = Predictor(tiny_llama, {"trained": current_tagset(setup, stage="s1")})
     got = [r["prediction"] for r in p.predict([qed(r["smiles"]) for r in rows])]
@@ -197,7 +200,7 @@ def test_classification_returns_label_and_probabilities(pred):
 
 
 def test_generate_matches_offline_and_composes_zero_shot(tiny_llama, sets, pred):
-    from tagray.stage import generate_text
+    from tagray.train.evaluate import generate_text
 
     lang = sets["lang"]
     rows = [
@@ -207,9 +210,7 @@ def test_generate_matches_offline_and_composes_zero_shot(tiny_llama, sets, pred)
     spec = load_task("translate")
     model = TagLLM(tiny_llama.model, TagBank(lang.tags)).eval()
     want = [
-        generate_text(
-            model, None, spec, [{**r, "tgt": ""}], "cpu", tokenizer=tiny_llama.tokenizer, max_new_tokens=8
-        )[0]
+        generate_text(model, tiny_llama.tokenizer, spec, [{**r, "tgt": ""}], "cpu", max_new_tokens=8)[0]
         for r in rows
     ]
     reqs = [{"tag": "<Translate>", "inputs": r, "max_new_tokens": 8} for r in rows]

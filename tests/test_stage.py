@@ -9,7 +9,7 @@ from tagray.config import parse_pipeline
 from tagray.core.artifacts import load_tagset
 from tagray.core.errors import ConfigError
 from tagray.pipeline import plan, run_pipeline
-from tagray.stage import Runtime, StageJob, run_stage
+from tagray.train import Runtime, StageJob, run_stage
 
 SMALL = {"train": 24, "valid": 8, "test": 8}
 
@@ -56,7 +56,7 @@ def pipeline(base_dir, out, **train):
 def three_stages(tiny_base_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = pipeline(tiny_base_dir, out)
-    return cfg, run_pipeline(cfg, executor="local")
+    return cfg, run_pipeline(cfg)
 
 
 def test_three_stages_chain_and_freeze(three_stages):
@@ -83,7 +83,7 @@ def test_three_stages_chain_and_freeze(three_stages):
 def test_rerun_skips_finished_stages(three_stages):
     cfg, _ = three_stages
     assert all(done for _, _, done in plan(cfg))
-    res = run_pipeline(cfg, executor="local")
+    res = run_pipeline(cfg)
     assert all(r.get("skipped") for r in res.values())
 
 
@@ -124,10 +124,11 @@ def test_real_smollm2_learns_a_domain_tag(smollm2):
         }
     )
     job = StageJob(stage=cfg.stages[0])
-    from tagray.stage import build_setup, evaluate
+    from tagray.train import build_setup
+    from tagray.train.evaluate import evaluate
 
     setup = build_setup(job, smollm2)
-    before = evaluate(setup.model, setup, setup.tasks, "valid", torch.device("cpu"), limit=16)["smiles_lm"][
+    before = evaluate(setup, setup.tasks, "valid", Runtime(), torch.device("cpu"), limit=16)["smiles_lm"][
         "loss"
     ]
     rt = Runtime()

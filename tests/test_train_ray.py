@@ -83,7 +83,9 @@ def test_s3_storage_and_stage_chaining_through_s3(ray_local, tiny_base_dir, s3_b
     import fsspec
 
     cfg = tiny_pipeline(tiny_base_dir, f"s3://{s3_bucket}/runs")
-    res = run_pipeline(cfg, executor="ray")
+    from tagray.ray.train import RayExecutor
+
+    res = run_pipeline(cfg, executor=RayExecutor())
     fs = fsspec.filesystem("s3")
     keys = fs.find(f"{s3_bucket}/runs")
     assert any("/_ray/" in k and "checkpoint_" in k and k.endswith("tags.safetensors") for k in keys)

@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 from .. import __version__
 from .base import fingerprint_id, same_base
 from .errors import ConfigError, FingerprintMismatch
-from .tags import HeadSpec
+from .heads import HeadSpec
 
 FORMAT = "tagray.tagset/1"
 FILES = ("tags.safetensors", "heads.safetensors", "tagset.json")

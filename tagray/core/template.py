@@ -87,6 +87,9 @@ class TemplateEncoder:
         lm_field: field whose tokens are LM targets (stage 1, translation), or None.
         lm_eos: append EOS after ``lm_field`` as a target (so generation learns to stop).
         head_tag: tag whose last vector feeds the head (regression / classification), or None.
+        function_tag: the task's function tag (``head_tag`` for heads; e.g. ``<Translate>`` for LM
+            tasks). Only the other (domain) tags open isolated spans.
+        drop_tags: leave every tag out (the untagged-prompt baseline of an LM task).
         rename: optional map from template tag names to bank names (serving namespaces tag sets).
         max_length: rows longer than this raise :class:`InputError` naming the longest field.
         add_bos: prepend the tokenizer's BOS token when it has one.
@@ -102,9 +105,11 @@ class TemplateEncoder:
         lm_field=None,
         lm_eos=False,
         head_tag=None,
+        function_tag=None,
         rename: Mapping[str, str] | None = None,
         max_length=512,
         add_bos=True,
+        drop_tags=False,
     ):
         self.tok = tokenizer
         self.template = template
@@ -114,6 +119,8 @@ class TemplateEncoder:
         self.lm_field = lm_field
         self.lm_eos = lm_eos
         self.head_tag = head_tag
+        self.function_tag = function_tag or head_tag
+        self.drop_tags = drop_tags
         self.rename = dict(rename or {})
         self.max_length = max_length
         # prepend BOS exactly when the tokenizer itself would (Llama: yes; GPT-2, SmolLM2: no)
@@ -142,8 +149,24 @@ class TemplateEncoder:
         name = f"<{row[piece.value]}>" if piece.dynamic else piece.value
         return self.rename.get(name, name)
 
+    def _opens_span(self, i: int, name: str) -> bool:
+        """A domain tag followed by data (optionally after whitespace) opens an isolated span."""
+        if (
+            name == self.rename.get(self.function_tag, self.function_tag)
+            or self.pieces[i].value == self.function_tag
+        ):
+            return False
+        nxt = self.pieces[i + 1 : i + 3]
+        if nxt and nxt[0].kind == "text" and not nxt[0].value.strip():
+            nxt = nxt[1:]
+        return bool(nxt) and nxt[0].kind == "field"
+
     def encode(self, row: Mapping, *, with_target: bool = True) -> Encoded:
         """Encode one row (a mapping of field -> string).
+
+        Isolated spans: a domain tag directly before a field (``<SMILES> {smiles}``) opens a span that
+        holds the tag's vectors, the whitespace after it and the field's tokens; the next other text or
+        tag closes it. The function tag never opens one: it must see everything before it.
 
         Args:
             with_target: when False, stop before ``lm_field`` (a generation prompt).
@@ -154,44 +177,37 @@ class TemplateEncoder:
             [IGNORE] * len(self.prefix),
             [0] * len(self.prefix),
         )
-        head_pos, span_id, in_span = -1, 0, False
+        head_pos, span_id, open_span = -1, 0, 0
         lengths: dict[str, int] = {}
+
+        def add(toks, rows=None, lab=None, sp=0):
+            ids.extend(toks)
+            tag_rows.extend(rows if rows is not None else [-1] * len(toks))
+            labels.extend(lab if lab is not None else [IGNORE] * len(toks))
+            span.extend([sp] * len(toks))
+
         for i, p in enumerate(self.pieces):
             if p.kind == "text":
-                toks = self._text(p.value)
-                ids += toks
-                tag_rows += [-1] * len(toks)
-                labels += [IGNORE] * len(toks)
-                # text right after a data span ends the isolated span
-                in_span = False
-                span += [0] * len(toks)
+                whitespace_in_span = open_span and not p.value.strip()
+                if not whitespace_in_span:
+                    open_span = 0  # any other text closes the span
+                add(self._text(p.value), sp=open_span)
             elif p.kind == "tag":
                 if p.dynamic and p.value not in row:
                     raise InputError(p.value, "missing (the template's tag needs it)")
                 name = self.tag_name(p, row)
                 if name not in self.slots:
                     raise UnknownTagError(p.value if p.dynamic else "tag", f"unknown tag {name}")
+                if self.drop_tags:
+                    open_span = 0
+                    continue
                 s = self.slots[name]
-                nxt = self.pieces[i + 1] if i + 1 < len(self.pieces) else None
-                # a tag followed by data (optionally after a space) opens an isolated span
-                opens = nxt is not None and (
-                    nxt.kind == "field"
-                    or (
-                        nxt.kind == "text"
-                        and not nxt.value.strip()
-                        and i + 2 < len(self.pieces)
-                        and self.pieces[i + 2].kind == "field"
-                    )
-                )
-                if opens:
+                if self._opens_span(i, name):
                     span_id += 1
-                    in_span = True
+                    open_span = span_id
                 else:
-                    in_span = False
-                ids += [0] * s.rows
-                tag_rows += list(range(s.start, s.start + s.rows))
-                labels += [IGNORE] * s.rows
-                span += [span_id if in_span else 0] * s.rows
+                    open_span = 0
+                add([0] * s.rows, rows=list(range(s.start, s.start + s.rows)), sp=open_span)
                 if self.head_tag is not None and name == self.rename.get(self.head_tag, self.head_tag):
                     head_pos = len(ids) - 1
             else:  # field
@@ -205,13 +221,11 @@ class TemplateEncoder:
                 lengths[p.value] = len(toks)
                 if is_target and self.lm_eos and self.tok.eos_token_id is not None:
                     toks = toks + [self.tok.eos_token_id]
-                ids += toks
-                tag_rows += [-1] * len(toks)
-                labels += toks if is_target else [IGNORE] * len(toks)
-                span += [span_id if in_span else 0] * len(toks)
+                add(toks, lab=toks if is_target else None, sp=open_span)
+                open_span = 0  # a span holds one field
         if len(ids) > self.max_length:
             longest = max(lengths, key=lengths.get) if lengths else "template"
             raise InputError(longest, f"too long: {len(ids)} tokens > max_length {self.max_length}")
-        if self.head_tag is not None and head_pos < 0:
+        if self.head_tag is not None and head_pos < 0 and not self.drop_tags:
             raise InputError("template", f"head tag {self.head_tag} does not occur in {self.template!r}")
         return Encoded(ids, tag_rows, labels, span, head_pos, self.head_tag if head_pos >= 0 else None)

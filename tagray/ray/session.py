@@ -7,32 +7,17 @@ import os
 
 import ray
 
-log = logging.getLogger("tagray")
+from ..util import worker_env
 
-# passed to every worker and replica: quiet progress bars, offline hub, no preemption watcher
-WORKER_ENV = {
-    "TAGRAY_PROGRESS": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+log = logging.getLogger("tagray")
 
 
 def ensure_ray(address: str | None = None) -> None:
+    """Connect once. Workers get :func:`tagray.util.worker_env` (never credentials: those would be
+    stored in the job's runtime_env for anyone who can list jobs; nodes read their own)."""
     if ray.is_initialized():
         return
-    env = dict(WORKER_ENV)
-    for k in (
-        "TAGRAY_CACHE",
-        "HF_HUB_OFFLINE",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_DEFAULT_REGION",
-        "AWS_REGION",
-    ):
-        if os.environ.get(k):
-            env[k] = os.environ[k]
+    env = worker_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)

@@ -49,7 +49,10 @@ class BaseOwner:
 
 
 def owner_name(name: str, dtype: str) -> str:
-    return "tagray-base-" + hashlib.blake2b(f"{name}|{dtype}".encode(), digest_size=6).hexdigest()
+    """``tagray-base-<dtype>-<hash of name>``: one owner per (base, resolved dtype)."""
+    if dtype == "auto":  # resolved by the caller from its workers' resources (tagray.train.resolve_dtype)
+        raise ValueError("the shared base needs a resolved dtype (float32 / bfloat16), not 'auto'")
+    return f"tagray-base-{dtype}-" + hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
 
 
 def get_base_owner(name: str, dtype: str = "float32"):

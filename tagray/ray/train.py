@@ -1,6 +1,8 @@
-"""Ray Train adapter: every stage runs as a ``TorchTrainer`` (Train V2) over :func:`tagray.stage.run_stage`.
+"""Ray Train executor: every stage runs as a ``TorchTrainer`` (Train V2) over :func:`tagray.train.run_stage`.
 
 - scaling from the stage config (workers, CPUs/GPUs per worker, placement);
+- the base dtype is resolved from the trainer's own resources (``auto``: bf16 when ``use_gpu``), never in
+  the process that happens to host the driver or the base owner;
 - DDP over the tag and head tables only: the frozen base is excluded from DDP's parameter sync, so no
   gradient buckets or broadcasts for it (and it may be a read-only object-store view);
 - the base comes from the cluster's shared object-store copy (:mod:`tagray.ray.shared`);
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
+from collections.abc import Callable
 
 import ray
 import ray.train
@@ -23,7 +25,9 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ..config import StageConfig, stage_from_dict, to_dict
-from ..stage import Runtime, StageJob, run_stage
+from ..train import Runtime, StageJob, resolve_dtype, run_stage
+from ..util import abs_uri, worker_env
+from .session import ensure_ray
 from .shared import attach_base, base_info
 
 
@@ -36,7 +40,6 @@ class RayTrainRuntime(Runtime):
         self.world_size = ctx.get_world_size()
         self.strategy = strategy
         super().__init__(device=ray.train.torch.get_device())
-        self._ckpt_dir = None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:
@@ -59,12 +62,15 @@ class RayTrainRuntime(Runtime):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        self._ckpt_dir = ckpt.to_directory(tempfile.mkdtemp(prefix="tagray-resume-"))
-        return self._ckpt_dir
+        return ckpt.to_directory(tempfile.mkdtemp(prefix="tagray-resume-"))
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of every Train worker: ``config = {"job": StageJob as dict, "base": shared-base info}``."""
+    """Entry point of every Train worker: ``config = {"job": StageJob as dict, "base": shared-base info}``.
+
+    ``config["worker_setup"]`` (optional) is called as ``fn(runtime, config)`` before the stage runs: an
+    extension point for per-worker instrumentation (the tests use it to record nodes and kill workers).
+    """
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     tl = logging.getLogger("tagray")  # only tagray's own progress lines, not Ray's per-report INFO logs
     if not tl.handlers:
@@ -75,36 +81,9 @@ def train_loop_per_worker(config: dict) -> None:
     job = StageJob(stage=stage_from_dict(jd.pop("stage")), **jd)
     rt = RayTrainRuntime(job.stage.scaling.strategy)
     base = attach_base(config["base"], rt.device) if config.get("base") else None
-    if config.get("node_log"):  # test hook: record which node each rank ran on
-        os.makedirs(config["node_log"], exist_ok=True)
-        with open(os.path.join(config["node_log"], f"rank{rt.rank}"), "w") as f:
-            f.write(ray.get_runtime_context().get_node_id())
-    if config.get("fail_at_step") is not None:  # test hook: kill this worker once, mid-stage
-        _install_failure(rt, config["fail_at_step"], config.get("fail_marker"))
+    if config.get("worker_setup") is not None:
+        config["worker_setup"](rt, config)
     run_stage(job, rt, base=base, config_hash=config.get("config_hash"))
-
-
-def _install_failure(rt: RayTrainRuntime, step: int, marker: str | None) -> None:
-    orig = rt.report
-
-    def report(metrics, checkpoint_dir):
-        # die at the first report after `step` (so the step checkpoint was registered long before)
-        if (
-            metrics.get("step", 0) > step
-            and rt.rank == rt.world_size - 1
-            and marker
-            and not os.path.exists(marker)
-        ):
-            open(marker, "w").close()
-            time.sleep(5)  # let the controller register the last checkpoint (it polls workers periodically)
-            os._exit(1)  # a hard crash, as a lost node or OOM-killed worker would look
-        orig(metrics, checkpoint_dir)
-
-    rt.report = report
-
-
-def abs_storage(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
 
 
 def fit_stage(
@@ -112,9 +91,10 @@ def fit_stage(
     storage: str,
     *,
     share_base: bool = True,
-    extra: dict | None = None,
     config_hash: str | None = None,
     callbacks: list | None = None,
+    worker_setup: Callable | None = None,
+    extra: dict | None = None,
 ) -> ray.train.Result:
     """Run one stage on the cluster and return Ray's ``Result``; the artifact is at ``job.output``.
 
@@ -122,27 +102,35 @@ def fit_stage(
         job: the stage job (``job.output`` is where the final tag set is written).
         storage: Ray Train storage path (local folder or ``s3://``) for checkpoints and run state.
         share_base: serve the base from the object store (else each worker reads it from disk/S3).
-        extra: extra entries of the worker config (test hooks).
         config_hash: recorded in the artifact so a finished stage is not re-run for the same config.
         callbacks: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` when run inside a trial).
+        worker_setup: ``fn(runtime, config)`` run on every worker first (see :func:`train_loop_per_worker`).
+        extra: more entries of the worker config (read by ``worker_setup``).
     """
     st: StageConfig = job.stage
     sc = st.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    info = base_info(job.base, job.dtype) if share_base else None
+    dtype = resolve_dtype(job.dtype, sc.use_gpu)  # the workers' dtype, decided from their resources
+    info = base_info(job.base, dtype) if share_base else None
     jd = {
         "stage": to_dict(st),
         "base": job.base,
-        "dtype": job.dtype,
+        "dtype": dtype,
         "init_from": job.init_from,
         "output": job.output,
         "run_name": job.run_name,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": jd, "base": info, "config_hash": config_hash, **(extra or {})},
+        train_loop_config={
+            "job": jd,
+            "base": info,
+            "config_hash": config_hash,
+            "worker_setup": worker_setup,
+            **(extra or {}),
+        },
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,
@@ -151,13 +139,21 @@ def fit_stage(
         ),
         run_config=RunConfig(
             name=f"{job.run_name}-{st.name}",
-            storage_path=abs_storage(storage),
+            storage_path=abs_uri(storage),
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-            worker_runtime_env={
-                "env_vars": {"TAGRAY_PROGRESS": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-            },
+            worker_runtime_env={"env_vars": worker_env()},
         ),
     )
     return trainer.fit()
+
+
+class RayExecutor:
+    """The pipeline's stages as Ray Train jobs (local embedded Ray, or the cluster at ``address``)."""
+
+    def __init__(self, address: str | None = None):
+        ensure_ray(address)
+
+    def run(self, job: StageJob, run_dir: str, config_hash: str) -> None:
+        fit_stage(job, storage=f"{run_dir}/_ray", config_hash=config_hash)

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, replace
 import fsspec
 import yaml
 
-from ..config import PipelineConfig, StageConfig, _build, parse_pipeline, set_dotted, stage_from_dict, to_dict
+from ..config import PipelineConfig, StageConfig, _build, parse_pipeline, stage_from_dict, to_dict
+from ..util import set_dotted
 from ..core.artifacts import is_tagset, load_tagset
 from ..core.errors import ConfigError
 
@@ -346,7 +347,7 @@ def _trial(config: dict, ctx: dict) -> None:
     """One trial: the one-task stage with this ``(tag_length, lr)``, run as a Ray Train job."""
     from ray import tune
 
-    from ..stage import StageJob
+    from ..train import StageJob
     from .train import fit_stage
 
     tid = tune.get_context().get_trial_id()

@@ -1,0 +1,196 @@
+"""The training loop: AdamW over the tag and head tables, warm-up + cosine schedule, gradient
+accumulation, periodic validation that offers each task group's state to the :class:`BestSnapshot`
+and reports a checkpoint, and progress lines with an ETA (visible in ``ray job logs``)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+
+import torch
+
+from ..core.data import BucketBatchSampler, to_device
+from ..core.errors import ConfigError
+from .batches import Example, make_batch
+from .checkpoint import BestSnapshot, LoopState, save_checkpoint
+from .evaluate import evaluate
+from .setup import Setup
+
+
+def make_optimizer(setup: Setup):
+    """AdamW with one group for the tag table and one for the head table; returns (optimizer, params)."""
+    cfg, model = setup.cfg, setup.model
+    params = model.trainable_parameters()
+    if not params:
+        raise ConfigError("train_tags", "this stage has nothing to train")
+    groups = [{"params": [model.tags.trainable], "lr": cfg.lr}] if model.tags.trainable.requires_grad else []
+    if model.heads is not None and model.heads.trainable.requires_grad:
+        groups.append({"params": [model.heads.trainable], "lr": cfg.head_lr or cfg.lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), params
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+def total_steps(cfg, n_rows: int, world: int) -> int:
+    """``max_steps``, or ``epochs`` passes over ``n_rows`` at ``batch_size x grad_accum x world`` rows a step."""
+    if cfg.epochs is None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_rows / (cfg.batch_size * cfg.grad_accum * world)))
+
+
+def _fmt_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Trainer:
+    """One stage's loop over its encoded training rows.
+
+    Args:
+        setup: the stage setup (model, tasks, groups).
+        job_name: the stage name (log lines, checkpoints).
+        rt: the runtime (rank, reporting, checkpoints).
+        wrapped: the model as the runtime wrapped it (DDP or not).
+        train: every task's encoded training rows (``Example.task`` indexes ``setup.tasks``).
+    """
+
+    def __init__(self, setup: Setup, job_name: str, rt, wrapped, train: list[Example], device, autocast):
+        self.setup, self.name, self.rt, self.wrapped = setup, job_name, rt, wrapped
+        self.train, self.device, self.autocast = train, device, autocast
+        cfg = setup.cfg
+        self.opt, self.params = make_optimizer(setup)
+        self.total = total_steps(cfg, len(train), rt.world_size)
+        warmup = int(cfg.warmup_ratio * self.total)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(warmup, self.total))
+        self.sampler = BucketBatchSampler(
+            [len(e.enc) for e in train],
+            cfg.batch_size,
+            seed=cfg.seed,
+            num_replicas=rt.world_size,
+            rank=rt.rank,
+            bucketing=cfg.bucketing,
+        )
+        self.state = LoopState()
+        self.best = BestSnapshot(setup.groups)
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.t0 = time.time()
+        self.step0_at = 0
+
+    # ---- validation ---------------------------------------------------------------------------
+
+    def validate(self, report: bool = True) -> dict:
+        """Score the validation split, offer each group's state to the snapshot, report a checkpoint."""
+        setup, cfg, st = self.setup, self.setup.cfg, self.state
+        recent = self.losses[-cfg.eval_every :]
+        metrics = {
+            "step": st.step,
+            "train_loss": sum(recent) / len(recent) if recent else float("nan"),
+            "tokens_per_s": self.tokens / max(time.time() - self.t0, 1e-9),
+            "lr": self.sched.get_last_lr()[0],
+        }
+        t = time.time()
+        val = evaluate(
+            setup, setup.tasks, "valid", self.rt, self.device, limit=cfg.eval_rows, autocast=self.autocast
+        )
+        metrics["val_loss"] = sum(m["loss"] for m in val.values()) / max(1, len(val))
+        for task, m in val.items():
+            metrics.update({f"val/{task}/{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+        if cfg.select_metric == "val_loss":
+            scores = {
+                g.name: sum(val[setup.tasks[i].spec.name]["loss"] for i in g.tasks) / len(g.tasks)
+                for g in setup.groups
+            }
+        else:
+            if cfg.select_metric not in metrics:
+                raise ConfigError(
+                    "select_metric", f"{cfg.select_metric!r} is not reported; e.g. {sorted(metrics)[:6]}"
+                )
+            scores = {g.name: metrics[cfg.select_metric] for g in setup.groups}
+        improved = self.best.offer(setup, st.step, scores)
+        metrics["best_val"] = metrics.get(cfg.select_metric, metrics["val_loss"])
+        st.history.append(
+            {
+                **{k: v for k, v in metrics.items() if "/" not in k or k.endswith("/loss")},
+                "improved": improved,
+            }
+        )
+        self.rt.log(
+            f"stage {self.name} step {st.step}/{self.total}: train_loss {metrics['train_loss']:.4f} "
+            f"val_loss {metrics['val_loss']:.4f} ({time.time() - t:.0f}s to validate"
+            + (f"; new best: {', '.join(improved)})" if improved else ")")
+        )
+        if report:
+            with tempfile.TemporaryDirectory(prefix="tagray-ckpt-") as d:
+                if self.rt.rank == 0:
+                    save_checkpoint(d, setup, self.opt, st, self.best, self.name)
+                self.rt.report(metrics, d if self.rt.rank == 0 else None)
+        return val
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _micro_step(self, idx: list[int], sync: bool) -> None:
+        setup = self.setup
+        batch = to_device(
+            make_batch([self.train[i] for i in idx], setup.head_names(), setup.pad_id), self.device
+        )
+        no_sync = getattr(self.wrapped, "no_sync", None)
+        ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        with ctx, torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.wrapped(batch)
+            if out.loss is not None:
+                (out.loss / setup.cfg.grad_accum).backward()
+        if out.loss is not None:
+            self.losses.append(float(out.loss.detach()))
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def _optimizer_step(self) -> None:
+        cfg, st = self.setup.cfg, self.state
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        st.step += 1
+        if st.step % cfg.log_every == 0 or st.step == self.total:
+            done = st.step - self.step0_at
+            rate = done / max(time.time() - self.t0, 1e-9)
+            recent = self.losses[-cfg.log_every * cfg.grad_accum :]
+            self.rt.log(
+                f"stage {self.name} step {st.step}/{self.total} ({100 * st.step // self.total}%): "
+                f"loss {sum(recent) / max(1, len(recent)):.4f} lr {self.sched.get_last_lr()[0]:.2e} "
+                f"{rate:.2f} steps/s ETA {_fmt_eta((self.total - st.step) / max(rate, 1e-9))}"
+            )
+
+    def run(self) -> None:
+        """Train until ``total`` steps, validating every ``eval_every`` steps and at the end."""
+        cfg, st = self.setup.cfg, self.state
+        self.setup.model.train()
+        self.t0, self.step0_at = time.time(), st.step
+        while st.step < self.total:
+            self.sampler.set_epoch(st.epoch)
+            batches = list(self.sampler)
+            for bi in range(st.batch_in_epoch, len(batches)):  # resume mid-epoch at the right batch
+                last = (bi + 1) % cfg.grad_accum == 0 or bi + 1 == len(batches)
+                self._micro_step(batches[bi], sync=last)
+                st.batch_in_epoch = bi + 1
+                if not last:
+                    continue
+                self._optimizer_step()
+                if st.step % cfg.eval_every == 0 or st.step == self.total:
+                    self.validate()
+                if st.step >= self.total:
+                    return
+            st.epoch += 1
+            st.batch_in_epoch = 0
