@@ -41,16 +41,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tagray.stage import Runtime, StageJob, build_setup, encode_split, generate_text, ridge_head, run_stage
 from torch import nn
 
 from tagray.config import parse_pipeline
 from tagray.core.artifacts import is_tagset, load_tagset
 from tagray.core.base import Base, load_base
 from tagray.core.data import BucketBatchSampler
+from tagray.core.heads import HeadSpec
 from tagray.core.metrics import bleu, regression_metrics
 from tagray.core.model import TagLLM
-from tagray.core.tags import HeadSpec, TagBank
-from tagray.stage import Runtime, StageJob, build_setup, encode_split, generate_text, ridge_head, run_stage
+from tagray.core.tags import TagBank
 from tagray.tasks.dataset import build_task_data
 from tagray.tasks.spec import load_task
 
@@ -168,8 +169,9 @@ def no_head_run(args, base: Base, name: str, init: str) -> dict:
 
 def encodable(spec, base: Base, model: TagLLM, rows: list[dict]) -> list[dict]:
     """The rows whose prompt fits ``spec.max_length`` (tagray skips longer ones in training and tests too)."""
-    from tagray.core.errors import InputError
     from tagray.stage import encoder_for
+
+    from tagray.core.errors import InputError
 
     enc = encoder_for(spec, base.tokenizer, model.tags)
     out = []

@@ -90,7 +90,8 @@ def make_tagset(emb: Any, fingerprint: dict, tasks: list[str], seed: int, length
     import torch
 
     from tagray.core.artifacts import TagSet
-    from tagray.core.tags import HeadSpec, mean_embedding_init
+    from tagray.core.heads import HeadSpec
+from tagray.core.tags import mean_embedding_init
     from tagray.core.template import template_tags
     from tagray.tasks.spec import load_task
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tagray.stage import StageJob, build_setup, encode_split
 from torch import nn
 
 from tagray.config import parse_pipeline
@@ -45,7 +46,6 @@ from tagray.core.base import Base, fingerprint, freeze, load_base, load_tokenize
 from tagray.core.data import BucketBatchSampler, collate
 from tagray.core.model import TagLLM
 from tagray.core.template import Encoded
-from tagray.stage import StageJob, build_setup, encode_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

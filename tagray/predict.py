@@ -30,8 +30,8 @@ from .core.artifacts import TagSet, load_tagset, merge_tagsets
 from .core.base import Base, fingerprint_id
 from .core.data import collate, to_device
 from .core.errors import ConfigError, FingerprintMismatch, InputError, TagrayError, UnknownTagError
-from .core.model import TagLLM
 from .core.heads import HeadBank
+from .core.model import TagLLM
 from .core.tags import TagBank
 from .core.template import Encoded, TemplateEncoder, parse_template, template_tags
 from .tasks.dataset import prepare_row

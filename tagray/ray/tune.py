@@ -31,9 +31,9 @@ import fsspec
 import yaml
 
 from ..config import PipelineConfig, StageConfig, _build, parse_pipeline, stage_from_dict, to_dict
-from ..util import set_dotted
 from ..core.artifacts import is_tagset, load_tagset
 from ..core.errors import ConfigError
+from ..util import set_dotted
 
 log = logging.getLogger("tagray")
 TRIAL_CPU = 0.1  # a trial only drives a Train run; a whole CPU would idle ({"cpu": 0} is refused by Tune)
