@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tagray's core from this checkout: no install needed on the GPU box
 
 from tagray.core.data import BucketBatchSampler, collate  # noqa: E402
-from tagray.core.heads import HeadBank, HeadSpec, head_init
+from tagray.core.heads import HeadBank, HeadSpec, head_init  # noqa: E402
 from tagray.core.model import TagLLM  # noqa: E402
 from tagray.core.tags import Slot, TagBank, mean_embedding_init  # noqa: E402
 from tagray.core.template import IGNORE, Encoded  # noqa: E402

@@ -91,7 +91,7 @@ def make_tagset(emb: Any, fingerprint: dict, tasks: list[str], seed: int, length
 
     from tagray.core.artifacts import TagSet
     from tagray.core.heads import HeadSpec
-from tagray.core.tags import mean_embedding_init
+    from tagray.core.tags import mean_embedding_init
     from tagray.core.template import template_tags
     from tagray.tasks.spec import load_task
 
