@@ -1,48 +1,47 @@
-"""GPU benchmark: tagray's tag-training step vs PEFT prompt tuning on a Llama-3-8B-shaped model.
+"""GPU benchmark: tagray's frozen-prefix training step vs PEFT prompt tuning on a Llama-3-8B-shaped model.
 
-Self-contained for a bare GPU machine: needs torch, transformers and peft, plus tagray's pure-torch core
-(``tagray/core``, imported from this checkout; it has no Ray, rdkit or datasets imports). Random weights
-(no downloads), frozen; only the 2p tag vectors (+ a linear head) train, with AdamW.
+Self-contained for a bare GPU machine: torch, transformers and peft, plus tagray's pure-torch core
+(``tagray/core``, imported from this checkout; no Ray, rdkit, datasets or fsspec). Random bf16 weights
+initialised on the device (no download), frozen; only ``<QED>`` (p vectors) and its linear head train,
+``<SMILES>`` is frozen as after stage 1. Row lengths follow the real QED inputs (``TEXT_LENGTHS``: NCI
+SMILES in the paper's template, SmolLM2-tokenised), random token ids. The variants and the schedule are
+those of ``bench/train_vs_peft.py`` (:mod:`bench.harness`): the prefix cache filled (epoch 1) and reused
+(epochs 2+), the prefix recomputed without grad every step, the full forward, and PEFT prompt tuning
+(virtual tokens first) + a linear head, all on the same length-bucketed batches, none computing logits.
 
-Row lengths follow the real QED inputs: SmolLM2-tokenised NCI SMILES in the paper's template (see
-``TEXT_LENGTHS``), plus 2p tag or virtual tokens. Variants (same rows, same batch size, alternated step by
-step in one process): tagray (length-bucketed batches, regression on the last hidden state, no logits),
-its ablations, PEFT prompt tuning with an LM loss on the label text, PEFT + a linear head on
-``hidden_states[-1]`` (whose forward still computes logits), and batched serving forwards of both.
+MFU. ``N`` = parameters of the transformer blocks plus the final norm (6.98B at the default shape):
+input embeddings and the LM head are excluded, since no variant computes vocabulary logits. A *trained
+token* is every real token of a training row as the variant feeds it: template + SMILES + tag tokens for
+tagray, template + SMILES + virtual tokens for PEFT; padding does not count. ``mfu_4n`` = trained
+tokens/s x 4N / peak (forward 2N + input-gradient backward 2N; no weight gradients): the work a full
+forward and backward would do, so a variant that reuses cached prefixes can go above what the hardware
+executes, even above 1. ``mfu_hw`` counts the FLOPs actually executed: 4N per slot run with grad, 2N per
+slot run without (the prefixes), padding included, cached prefixes free. Attention scores are left out
+(under 1% at ~100 tokens). Peak: the card's bf16 dense peak (``PEAK_TFLOPS``) or ``--peak-tflops``.
 
-MFU counts matmul FLOPs actually done per processed token: training 4N (forward 2N + input-gradient
-backward 2N, no weight gradients), forward-only 2N, N = transformer-block parameters plus the LM head
-when logits are computed (only 2N for the head when its logits are not in the loss). Attention-score
-FLOPs are left out (under 1% at ~100 tokens).
-
-GPU:  python bench/gpu_bench.py                      (Llama-3-8B shape, bf16)
-CPU:  python bench/gpu_bench.py --device cpu --layers 2 --hidden 256   (end-to-end check of the script)
+GPU:  python bench/gpu_bench.py            writes bench/results/gpu_bench_<card>.json (e.g. _h100)
+CPU:  python bench/gpu_bench.py --smoke    tiny shape, seconds: checks the script end to end
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
 import random
+import re
 import sys
 import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tagray's core from this checkout: no install needed on the GPU box
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tagray's core, bench.harness
 
-from tagray.core.data import BucketBatchSampler, collate  # noqa: E402
+from bench import harness as h  # noqa: E402
 from tagray.core.heads import HeadBank, HeadSpec, head_init  # noqa: E402
 from tagray.core.model import TagLLM  # noqa: E402
+from tagray.core.prefix import PrefixStore  # noqa: E402
 from tagray.core.tags import Slot, TagBank, mean_embedding_init  # noqa: E402
 from tagray.core.template import IGNORE, Encoded  # noqa: E402
 
@@ -55,9 +54,9 @@ TEXT_LENGTHS = ((0, 30), (5, 37), (10, 40), (15, 42), (20, 44), (25, 45), (30, 4
                 (90, 73), (95, 80), (97.5, 93), (99, 106), (99.5, 116), (99.9, 150), (100, 287))
 # fmt: on
 PREFIX, SUFFIX = 13, 12  # template tokens before <SMILES> and between the SMILES and <QED>
-LABEL_TOKENS = 7  # " 0.535" + EOS in SmolLM2's tokenizer: the PEFT LM-loss target
-H100_BF16_PEAK = 989.0  # TFLOP/s, dense; a bf16 8192^3 matmul measured 743 on the same card
-EPOCH_ROWS = 4000
+LABEL_TOKENS = 7  # " 0.535" + EOS in SmolLM2's tokenizer: the PEFT LM-loss target (--levers)
+PEAK_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "l40s": 362.0}  # bf16 dense, by card
+MATMUL_CEILING = {"h100": 743.0}  # a bf16 8192^3 matmul measured on one H100 (gpu-notes.md)
 
 
 def sample_lengths(n: int, rng: random.Random) -> list[int]:
@@ -72,19 +71,13 @@ def sample_lengths(n: int, rng: random.Random) -> list[int]:
     return out
 
 
-@dataclass
-class Row:
-    enc: Encoded  # tagray: ids with 2 tags of p slots each, head at the last position
-    text_ids: list[int]  # PEFT: the same ids without tag slots (2p virtual tokens are prepended)
-    label_ids: list[int]
-    target: float
-
-    @property
-    def useful(self) -> int:
-        return len(self.enc)
+def tag_slots(p: int) -> dict[str, Slot]:
+    """The stage-2 table layout: frozen ``<SMILES>`` rows 0..p-1, then trainable ``<QED>`` rows p..2p-1."""
+    z = torch.zeros(p, 1)
+    return dict(TagBank({"<SMILES>": z, "<QED>": z}, trainable={"<QED>"}).slots)
 
 
-def make_row(text_len: int, vocab: int, slots: dict[str, Slot], rng: random.Random) -> Row:
+def make_row(text_len: int, vocab: int, slots: dict[str, Slot], rng: random.Random) -> h.Row:
     """A QED-shaped row: prefix, <SMILES>, SMILES tokens, suffix, <QED>; random token ids."""
     smiles = max(1, text_len - PREFIX - SUFFIX)
     text = [rng.randrange(vocab) for _ in range(PREFIX + smiles + SUFFIX)]
@@ -94,52 +87,7 @@ def make_row(text_len: int, vocab: int, slots: dict[str, Slot], rng: random.Rand
     tags += list(range(q.start, q.start + q.rows))
     n = len(ids)
     enc = Encoded(ids, tags, [IGNORE] * n, [0] * n, head_pos=n - 1, head="<QED>")
-    return Row(enc, text, [rng.randrange(vocab) for _ in range(LABEL_TOKENS)], rng.random())
-
-
-@dataclass
-class Variant:
-    name: str
-    kind: str  # "train" | "serve"
-    sampler: str  # "bucketed" | "random"
-    flops_per_token: float  # matmul FLOPs per processed token
-    length: Callable[[Row], int]  # tokens the model processes for a row (before padding)
-    step: Callable[[list[Row]], None]
-    times: list[float] = field(default_factory=list)
-    useful: int = 0
-    processed: int = 0
-    rows: int = 0
-    peak_mem: int = 0
-
-    def processed_tokens(self, rows: Sequence[Row]) -> int:
-        return len(rows) * max(self.length(r) for r in rows)
-
-    def summary(self, epoch_useful_fraction: float, peak_tflops: float | None) -> dict:
-        t = max(sum(self.times), 1e-9)
-        r = {
-            "name": self.name,
-            "kind": self.kind,
-            "batches": self.sampler,
-            "steps": len(self.times),
-            "time_s": t,
-            "s_per_step": t / max(1, len(self.times)),
-            "step_s": self.times,
-            "rows_per_s": self.rows / t,
-            "useful_tokens": self.useful,
-            "processed_tokens": self.processed,
-            "useful_fraction": self.useful / max(1, self.processed),
-            "useful_tok_per_s": self.useful / t,
-            "processed_tok_per_s": self.processed / t,
-            "epoch_useful_fraction": epoch_useful_fraction,
-            "epoch_useful_tok_per_s": self.processed / t * epoch_useful_fraction,
-            "flops_per_token": self.flops_per_token,
-            "peak_mem_gib": self.peak_mem / 2**30,
-        }
-        if peak_tflops:
-            # hardware MFU on every processed token (padding included); "useful" counts input tokens only
-            r["mfu"] = self.processed / t * self.flops_per_token / (peak_tflops * 1e12)
-            r["mfu_useful"] = self.useful / t * self.flops_per_token / (peak_tflops * 1e12)
-        return r
+    return h.Row(enc, text, [rng.randrange(vocab) for _ in range(LABEL_TOKENS)], rng.random())
 
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -165,154 +113,13 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     return model.eval()
 
 
-def tag_slots(p: int) -> dict[str, Slot]:
-    """The tag table layout TagLLM uses: <SMILES> rows 0..p-1, <QED> rows p..2p-1 (both trainable)."""
-    z = torch.zeros(p, 1)
-    return dict(TagBank({"<SMILES>": z, "<QED>": z}, trainable={"<SMILES>", "<QED>"}).slots)
-
-
-def _update(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def peft_batch(rows: list[Row], with_label: bool, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded ids, mask and labels (label text only) as a PEFT user's collator builds them."""
-    seqs = [r.text_ids + (r.label_ids if with_label else []) for r in rows]
-    B, T = len(seqs), max(len(s) for s in seqs)
-    ids = torch.zeros((B, T), dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), -100, dtype=torch.long)
-    for b, (r, s) in enumerate(zip(rows, seqs, strict=True)):
-        ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-        if with_label:
-            labels[b, len(r.text_ids) : len(s)] = torch.tensor(r.label_ids)
-    last = torch.tensor([len(r.text_ids) - 1 for r in rows])
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "last": last}
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def make_variants(
-    model: nn.Module, args: argparse.Namespace, device: torch.device
-) -> tuple[list[Variant], dict]:
-    """tagray and PEFT training steps plus serving forwards, sharing one frozen base."""
-    from peft import PromptTuningConfig, TaskType, get_peft_model
-
-    emb = model.get_input_embeddings().weight
-    d, p, nv = emb.shape[1], args.tag_length, 2 * args.tag_length
-    blk = sum(x.numel() for x in model.model.parameters()) - emb.numel()  # blocks + final norm
-    hd = model.get_output_embeddings().weight.numel()
-
-    def tagray_model() -> TagLLM:
-        tags = TagBank(
-            {"<SMILES>": mean_embedding_init(emb, p), "<QED>": mean_embedding_init(emb, p)},
-            trainable={"<SMILES>", "<QED>"},
-        )
-        heads = HeadBank(
-            {"<QED>": head_init(emb, 1)},
-            {"<QED>": HeadSpec("regression", 1, (0.5,), (0.29,))},
-            d,
-            trainable={"<QED>"},
-        )
-        return TagLLM(model, tags, heads).to(device).train()
-
-    def tagray_train(name: str, bucketed: bool, logits: bool) -> Variant:
-        m = tagray_model()
-        params = m.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        lm_head = model.get_output_embeddings()
-
-        def step(rows: list[Row]) -> None:
-            batch = collate([r.enc for r in rows], ["<QED>"], [[r.target] for r in rows])
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            keep: list[torch.Tensor] = []  # ablation: logits alive until the update, as in a HF output
-            hook = (
-                model.model.register_forward_hook(lambda _m, _i, o: keep.append(lm_head(o.last_hidden_state)))
-                if logits
-                else None
-            )
-            try:
-                out = m(batch)
-            finally:
-                if hook is not None:
-                    hook.remove()
-            out.loss.backward()
-            _update(opt, params)
-
-        fpt = 4 * blk + (2 * hd if logits else 0)  # unused logits cost a forward only
-        return Variant(name, "train", "bucketed" if bucketed else "random", fpt, lambda r: r.useful, step)
-
-    server = tagray_model().eval()
-
-    @torch.no_grad()
-    def tagray_serve(rows: list[Row]) -> None:
-        batch = collate([r.enc for r in rows], ["<QED>"])
-        server({k: v.to(device, non_blocking=True) for k, v in batch.items()}).preds.cpu()  # answers leave
-
-    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=nv)
-    pm = get_peft_model(model, cfg, adapter_name="lm")
-    pm.add_adapter("head", copy.deepcopy(cfg))  # a second prompt, so the two variants train separately
-    pm.to(device)
-    head = nn.Linear(d, 1, device=device)
-    params = {
-        n: list(pm.prompt_encoder[n].parameters()) + (list(head.parameters()) if n == "head" else [])
-        for n in ("lm", "head")
-    }
-    opts = {n: torch.optim.AdamW(ps, lr=1e-3) for n, ps in params.items()}
-
-    def peft_lm(rows: list[Row]) -> None:
-        pm.set_adapter("lm")
-        b = peft_batch(rows, True, device)
-        pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss.backward()
-        _update(opts["lm"], params["lm"])
-
-    def peft_head_forward(rows: list[Row]) -> torch.Tensor:
-        pm.set_adapter("head")
-        b = peft_batch(rows, False, device)
-        out = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
-        h = out.hidden_states[-1][torch.arange(len(rows), device=device), nv + b["last"]]  # last input token
-        return head(h.float()).squeeze(-1)
-
-    def peft_head(rows: list[Row]) -> None:
-        z = (torch.tensor([r.target for r in rows], device=device) - 0.5) / 0.29
-        F.mse_loss(peft_head_forward(rows), z).backward()
-        _update(opts["head"], params["head"])
-
-    @torch.no_grad()
-    def peft_serve(rows: list[Row]) -> None:
-        peft_head_forward(rows).cpu()
-
-    def peft_len(r: Row) -> int:
-        return nv + len(r.text_ids)
-
-    variants = [
-        tagray_train("tagray", True, False),
-        Variant(
-            "peft-lm", "train", "random", 4 * (blk + hd), lambda r: peft_len(r) + len(r.label_ids), peft_lm
-        ),
-        Variant("peft-head", "train", "random", 4 * blk + 2 * hd, peft_len, peft_head),
-    ]
-    if args.ablation in ("levers", "full"):
-        variants += [
-            tagray_train("tagray -bucketing", False, False),
-            tagray_train("tagray +logits", True, True),
-        ]
-    if args.ablation == "full":
-        variants.append(tagray_train("tagray -bucketing +logits", False, True))
-    # serving: the same length-sorted batches for both, so the difference is the forward itself
-    variants += [
-        Variant("serve tagray", "serve", "bucketed", 2 * blk, lambda r: r.useful, tagray_serve),
-        Variant("serve peft-head", "serve", "bucketed", 2 * (blk + hd), peft_len, peft_serve),
-    ]
-    n_total = sum(x.numel() for x in model.parameters())
-    return variants, {"n_block": blk, "n_lm_head": hd, "n_embed": emb.numel(), "n_total": n_total}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def card(device: torch.device) -> str:
+    """``h100``, ``a100``, ... from the CUDA device name (``cpu`` on CPU): the result file's suffix."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    known = re.search(r"\b(h200|h100|a100|a10g|l40s|l4|b200|gh200)\b", name)
+    return known.group(1) if known else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -322,130 +129,88 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = build_model(args, device, dtype)
-    variants, params = make_variants(model, args, device)
+    emb = model.get_input_embeddings().weight.detach().to("cpu", torch.float32)  # inits are built on the host
+    p, d = args.tag_length, emb.shape[1]
+    init = {"<SMILES>": mean_embedding_init(emb, p), "<QED>": mean_embedding_init(emb, p)}
+    head0 = head_init(emb, 1, torch.Generator().manual_seed(args.seed))
+    del emb
+
+    def make(prefix: str, store: PrefixStore | None) -> TagLLM:  # own tables per variant, shared base
+        tags = TagBank(init, trainable={"<QED>"})
+        spec = {"<QED>": HeadSpec("regression", 1, (0.5,), (0.29,))}
+        heads = HeadBank({"<QED>": head0}, spec, d, trainable={"<QED>"})
+        return TagLLM(model, tags, heads, prefix=prefix, prefix_store=store).to(device).train()
+
+    store = PrefixStore(max_bytes=int(args.cache_gb * 2**30), dtype=dtype)  # the compute dtype: exact
     weights_mem = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    rng, slots = random.Random(args.seed), tag_slots(p)
+    lengths = sample_lengths((args.steps + 1) * args.batch_size, rng)
+    rows = [make_row(x, args.vocab, slots, rng) for x in lengths]
+    warm, pool = rows[: args.batch_size], rows[args.batch_size :]
     t_setup = time.perf_counter() - t0
+    done, timing = h.run_suite(make, model, store, 0, (0.5, 0.29), warm, pool, args, device)
+    res = summarise(done, h.param_counts(model), args, device)
+    res["prefix_cache"] = h.prefix_result(
+        {v["name"]: v for v in res["variants"]},
+        h.cache_summary(store, model.config, pool, slots["<QED>"].start),
+    )
+    res["weights_mem_gib"] = weights_mem / 2**30
+    res["seconds"] = {"setup": t_setup, "bench": timing["bench_s"], "total": time.perf_counter() - t0}
+    return res
 
-    rng = random.Random(args.seed)
-    slots = tag_slots(args.tag_length)
 
-    def rows_of(n: int) -> list[Row]:
-        return [make_row(x, args.vocab, slots, rng) for x in sample_lengths(n, rng)]
+MFU_DEFINITION = {
+    "N": "transformer-block parameters + final norm (no embeddings, no LM head: no logits)",
+    "trained_tokens": "real tokens of each training row as fed (tag or virtual tokens included), no padding",
+    "mfu_4n": "trained tokens/s x 4N / peak",
+    "mfu_hw": "executed FLOPs/s / peak: 4N per slot with grad, 2N per slot without, padding included",
+}
 
-    def cut(pool: list[Row], size: int) -> dict[str, list[list[Row]]]:
-        """Warm-up batch, then the same timed rows as random batches and as tagray's bucketed batches."""
-        warm, timed = pool[:size], pool[size:]
-        sampler = BucketBatchSampler([r.useful for r in timed], size, seed=args.seed, drop_last=True)
-        return {
-            "warm": [warm],
-            "random": [timed[i : i + size] for i in range(0, len(timed), size)],
-            "bucketed": [[timed[j] for j in b] for b in sampler],
-        }
 
-    sizes = {"train": args.batch_size, "serve": args.serve_batch}
-    batches = {k: cut(rows_of((args.steps + 1) * n), n) for k, n in sizes.items()}
+def summarise(variants: list, params: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Each variant's summary with its MFU (when the peak is known), and the run's context."""
+    name = card(device)
+    peak = args.peak_tflops or PEAK_TFLOPS.get(name)
+    out = []
     for v in variants:
-        for _ in range(args.warmup):
-            v.step(batches[v.kind]["warm"][0])
-    _sync(device)
-    for i in range(args.steps):
-        k = i % len(variants)
-        for v in variants[k:] + variants[:k]:  # rotating order: no variant always runs first
-            rows_i = batches[v.kind][v.sampler][i]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            _sync(device)
-            t = time.perf_counter()
-            v.step(rows_i)
-            _sync(device)
-            v.times.append(time.perf_counter() - t)
-            v.useful += sum(r.useful for r in rows_i)
-            v.processed += v.processed_tokens(rows_i)
-            v.rows += len(rows_i)
-            if device.type == "cuda":
-                v.peak_mem = max(v.peak_mem, torch.cuda.max_memory_allocated())
-
-    # padding a whole epoch would see, per variant (the timed pool is small and sorted as one window)
-    epoch_rows = rows_of(EPOCH_ROWS)
-    lengths = [r.useful for r in epoch_rows]
-    res = []
-    peak = args.peak_tflops or (H100_BF16_PEAK if device.type == "cuda" else None)
-    for v in variants:
-        sampler = BucketBatchSampler(
-            lengths, sizes[v.kind], seed=args.seed, bucketing=v.sampler == "bucketed"
-        )
-        ep = [[epoch_rows[i] for i in b] for b in sampler]
-        frac = sum(r.useful for b in ep for r in b) / sum(v.processed_tokens(b) for b in ep)
-        res.append(v.summary(frac, peak))
-    tps = {r["name"]: r["useful_tok_per_s"] for r in res}
-    ep_tps = {r["name"]: r["epoch_useful_tok_per_s"] for r in res}
-    pairs = {
-        "tagray / peft-lm": ("tagray", "peft-lm"),
-        "tagray / peft-head": ("tagray", "peft-head"),
-        "serve: tagray / peft-head": ("serve tagray", "serve peft-head"),
-        "bucketing: tagray / tagray -bucketing": ("tagray", "tagray -bucketing"),
-        "no logits: tagray / tagray +logits": ("tagray", "tagray +logits"),
-        "both: tagray / tagray -bucketing +logits": ("tagray", "tagray -bucketing +logits"),
-        "splice vs PEFT: tagray -bucketing +logits / peft-head": ("tagray -bucketing +logits", "peft-head"),
-    }
-    import peft
-    import transformers
-
+        s = v.summary()
+        if peak:
+            s["mfu_4n"] = s["useful_tok_per_s"] * 4 * params["n_block"] / (peak * 1e12)
+            s["mfu_hw"] = s["executed_tflop_per_s"] / peak
+        out.append(s)
     return {
         "benchmark": "gpu_bench",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "params": params,
+        "mfu_definition": MFU_DEFINITION,
         "machine": {
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
+            **h.machine(device),
+            "card": name,
             "peak_tflops": peak,
-            "measured_ceiling_tflops": 743.0 if device.type == "cuda" else None,
+            "matmul_ceiling_tflops": MATMUL_CEILING.get(name),
         },
-        "weights_mem_gib": weights_mem / 2**30,
-        "seconds": {"setup": t_setup, "total": time.perf_counter() - t0},
-        "variants": res,
-        "ratios": {
-            "measured": {k: tps[a] / tps[b] for k, (a, b) in pairs.items() if a in tps and b in tps},
-            "epoch_projected": {
-                k: ep_tps[a] / ep_tps[b] for k, (a, b) in pairs.items() if a in tps and b in tps
-            },
-        },
+        "peak_rss_gib": h.peak_rss_bytes() / 2**30,
+        "variants": out,
     }
 
 
-def table(res: dict) -> str:
-    has_mfu = "mfu" in res["variants"][0]
-    head = (
-        f"{'variant':<26}{'batches':>9}{'s/step':>9}{'tok/s':>10}{'rows/s':>9}{'useful':>7}"
-        f"{'epoch tok/s':>12}"
-    ) + (f"{'MFU':>6}{'peak GiB':>9}" if has_mfu else "")
-    lines = [head, "-" * len(head)]
-    for v in res["variants"]:
-        line = (
-            f"{v['name']:<26}{v['batches']:>9}{v['s_per_step']:>9.3f}{v['useful_tok_per_s']:>10,.0f}"
-            f"{v['rows_per_s']:>9,.1f}{v['useful_fraction']:>7.2f}{v['epoch_useful_tok_per_s']:>12,.0f}"
-        )
-        if has_mfu:
-            line += f"{v['mfu']:>6.2f}{v['peak_mem_gib']:>9.1f}"
-        lines.append(line)
-    r = res["ratios"]
-    lines += ["", f"{'speed-up':<55}{'measured':>9}{'epoch':>8}"]
-    lines += [f"{k:<55}{x:>8.2f}x{r['epoch_projected'][k]:>7.2f}x" for k, x in r["measured"].items()]
-    p, m, c = res["params"], res["machine"], res["config"]
-    lines.append(
-        f"\n{m['device']}, {c['dtype']}: {p['n_total'] / 1e6:,.1f}M params ({p['n_block'] / 1e6:,.1f}M in "
-        f"blocks, {p['n_lm_head'] / 1e6:,.1f}M LM head); weights {res['weights_mem_gib']:.1f} GiB; "
-        f"train batch {c['batch_size']}, serve batch {c['serve_batch']}, {2 * c['tag_length']} tag tokens"
+def report(res: dict, markdown: bool = False) -> str:
+    """The variants table (with MFU and peak memory on a GPU), the speed-ups and the cache line."""
+    mfu = ("mfu_4n", "mfu_hw", "peak_mem_gib") if "mfu_4n" in res["variants"][0] else ()
+    cols = h.columns("name", "s_per_step", "rows_per_s", "useful_tok_per_s", "executed_tflop_per_s", *mfu)
+    p, m, cfg = res["params"], res["machine"], res["config"]
+    return "\n".join(
+        [
+            h.table(res["variants"], cols, markdown),
+            "",
+            h.prefix_report(res["prefix_cache"], markdown),
+            "",
+            f"{m['device']}, {cfg['dtype']}: {p['n_total'] / 1e9:.2f}B params, N = {p['n_block'] / 1e9:.2f}B; "
+            f"weights {res['weights_mem_gib']:.1f} GiB; batch {cfg['batch_size']}, p={cfg['tag_length']}, PEFT "
+            f"{cfg['peft_virtual']} virtual; {cfg['epochs']} epochs x {cfg['steps']} steps; peak "
+            f"{m['peak_tflops'] or 'n/a'} TFLOP/s; bench {res['seconds']['bench']:.0f} s",
+        ]
     )
-    if has_mfu:
-        lines.append(
-            f"MFU on processed tokens vs {m['peak_tflops']:.0f} TFLOP/s bf16 dense peak "
-            "(measured matmul ceiling 743)"
-        )
-    return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -461,29 +226,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=None, help="default heads / 4")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--batch-size", type=int, default=32, help="training rows per step")
-    p.add_argument("--serve-batch", type=int, default=64, help="rows per serving forward")
-    p.add_argument("--tag-length", type=int, default=10, help="p per tag; PEFT gets 2p virtual tokens")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--tag-length", type=int, default=10, help="p of <SMILES> and <QED>")
+    p.add_argument(
+        "--peft-virtual", type=int, default=10, help="PEFT virtual tokens (default: p, as trained)"
+    )
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per epoch")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the timed rows (1 fills the cache)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cache-gb", type=float, default=32.0, help="host RAM budget of the prefix store")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
-    p.add_argument(
-        "--peak-tflops", type=float, default=None, help="peak for MFU (default: H100 bf16 on CUDA)"
-    )
-    p.add_argument(
-        "--ablation",
-        choices=("none", "levers", "full"),
-        default="full",
-        help="none: tagray, peft-lm, peft-head; levers: + bucketing off, + logits on; full: + both",
-    )
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by card name)")
+    p.add_argument("--levers", action="store_true", help="+ random batches and logits (PEFT as users run it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, 2 steps: code paths only")
     p.add_argument(
-        "--out", type=Path, default=None, help="JSON path (default bench/results/gpu_bench_<device>.json)"
+        "--render", action="store_true", help="no run: render --out's JSON into docs/benchmarks.md"
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, 2 epochs x 2 steps: code paths")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON (default bench/results/gpu_bench_<card>.json)"
     )
     args = p.parse_args(argv)
     if args.smoke:
         args.device, args.layers, args.hidden, args.vocab = "cpu", 2, 64, 1024
-        args.batch_size, args.serve_batch, args.steps, args.warmup = 4, 8, 2, 1
+        args.batch_size, args.steps, args.epochs, args.warmup = 4, 2, 2, 1
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.intermediate = args.intermediate or int(3.5 * args.hidden)
     args.heads = args.heads or max(1, args.hidden // 128)
@@ -493,16 +258,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # peft 0.21 calls transformers' deprecated ``is_gradient_checkpointing``: noise, not a finding
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if args.render:
+        if args.out is None:
+            raise SystemExit(
+                "--render needs --out: the JSON to render, e.g. bench/results/gpu_bench_h100.json"
+            )
+        return h.render_json(args.out, h.ROOT / "docs" / "benchmarks.md", "gpu_bench", report)
+    h.quiet()
     res = run(args)
-    name = "gpu_bench.smoke.json" if args.smoke else f"gpu_bench_{torch.device(args.device).type}.json"
-    out = args.out or ROOT / "bench" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(table(res))
-    print(f"wrote {out}")
-    return 0
+    name = "gpu_bench.smoke.json" if args.smoke else f"gpu_bench_{res['machine']['card']}.json"
+    return h.finish(res, args.out or h.RESULTS / name, report)
 
 
 if __name__ == "__main__":

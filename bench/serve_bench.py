@@ -7,13 +7,18 @@ In ONE run, against one app (``tagray.ray.serve:build_app``) over HTTP on 127.0.
   another set's ``<SMILES>``, ensembles), Poisson arrivals, at most ``--concurrency`` in flight;
 - ``unbatched``: the homogeneous workload with the SAME replica reconfigured in place to
   ``max_batch_size=1`` (``user_config``), so every request is its own forward pass;
-- ``memory``: replica USS (psutil) with 1 replica, then 2 (scaled in place), against the base's bytes.
+- ``memory``: replica USS (psutil) with 1 replica, then 2 (scaled in place), against the base's bytes;
+- ``ensemble_micro`` (in the bench process, no Serve): an ensemble of 4 search trials that share their
+  domain tag vs one member, same Predictor and inputs; ``ensemble4_over_single`` is its headline ratio,
+  and its one-member variant (one call vs one call per request) is ``predictor_micro``.
 
 Scenarios alternate in ``--rounds`` rounds so background load hits all of them alike.
 
     python bench/serve_bench.py                       # SmolLM2-135M, 400 requests per scenario
     python bench/serve_bench.py --smoke               # tiny random model, 50 requests (1-2 minutes)
     python bench/serve_bench.py --url http://127.0.0.1:8000   # a running app: homogeneous + mixed only
+    python bench/serve_bench.py --ensemble-only       # only ensemble_micro (SmolLM2, no Ray), merged into the JSON
+    python bench/serve_bench.py --render-docs         # the JSON's tables -> docs/serving-benchmark.md
 
 Writes ``bench/results/serve_bench.json`` and prints a table. See docs/serving-benchmark.md.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -44,32 +50,14 @@ RESULTS = ROOT / "bench" / "results"
 APP = "bench"
 TASKS = ("qed", "logp")  # both read a SMILES: inputs (and so sequence lengths) are alike in every scenario
 DOMAIN = "<SMILES>"
-SMILES = [
-    "CCO",
-    "c1ccccc1O",
-    "CC(=O)Nc1ccc(O)cc1",
-    "CN1C=NC2=C1C(=O)N(C(=O)N2C)C",
-    "CC(=O)Oc1ccccc1C(=O)O",
-    "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
-    "COc1ccc2nc(S(=O)Cc3ncc(C)c(OC)c3C)[nH]c2c1",
-    "CN1CCC[C@H]1c1cccnc1",
-    "O=C(O)c1ccccc1O",
-    "CC(C)NCC(O)c1ccc(O)c(O)c1",
-    "Clc1ccc(cc1)C(c1ccccc1)N1CCN(CC1)CCOCC(=O)O",
-    "CN(C)C(=N)NC(=N)N",
-    "OC[C@H]1OC(O)[C@H](O)[C@@H](O)[C@@H]1O",
-    "c1ccc2ccccc2c1",
-    "CCN(CC)CC",
-    "CC(=O)C",
-    "C1CCCCC1",
-    "CCCCCCCCO",
-    "NC(=O)c1cccnc1",
-    "O=C1NC(=O)c2ccccc12",
-    "CC1=CC(=O)C=CC1=O",
-    "CSCC[C@H](N)C(=O)O",
-    "N[C@@H](Cc1ccccc1)C(=O)O",
-    "FC(F)(F)c1ccc(Oc2ccccc2)cc1",
-]
+SMILES = (  # 24 drug-like molecules, 16 tokens on average
+    "CCO c1ccccc1O CC(=O)Nc1ccc(O)cc1 CN1C=NC2=C1C(=O)N(C(=O)N2C)C CC(=O)Oc1ccccc1C(=O)O "
+    "CC(C)Cc1ccc(cc1)C(C)C(=O)O COc1ccc2nc(S(=O)Cc3ncc(C)c(OC)c3C)[nH]c2c1 CN1CCC[C@H]1c1cccnc1 "
+    "O=C(O)c1ccccc1O CC(C)NCC(O)c1ccc(O)c(O)c1 Clc1ccc(cc1)C(c1ccccc1)N1CCN(CC1)CCOCC(=O)O "
+    "CN(C)C(=N)NC(=N)N OC[C@H]1OC(O)[C@H](O)[C@@H](O)[C@@H]1O c1ccc2ccccc2c1 CCN(CC)CC CC(=O)C "
+    "C1CCCCC1 CCCCCCCCO NC(=O)c1cccnc1 O=C1NC(=O)c2ccccc12 CC1=CC(=O)C=CC1=O CSCC[C@H](N)C(=O)O "
+    "N[C@@H](Cc1ccccc1)C(=O)O FC(F)(F)c1ccc(Oc2ccccc2)cc1"
+).split()
 ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -115,26 +103,12 @@ def make_tagset(emb: Any, fingerprint: dict, tasks: list[str], seed: int, length
 
 
 def tiny_base_dir(path: str) -> str:
-    """A 2-layer random Llama with SmolLM2's tokenizer, saved as a Hugging Face folder (as the tests do)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tiny random Llama of the unit tests (:mod:`tagray.core.tiny`), saved as a Hugging Face folder."""
+    from tagray.core.tiny import tiny_base
 
-    from tagray.core.base import load_tokenizer, resolve_base
-
-    tok = load_tokenizer(resolve_base("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    base = tiny_base()
+    base.model.save_pretrained(path)
+    base.tokenizer.save_pretrained(path)
     return path
 
 
@@ -156,35 +130,219 @@ def build_registry(base_spec: str, path: str, n_sets: int, length: int, dtype: s
     del base, emb
 
 
-def predictor_micro(base_spec: str, registry: str, dtype: str, threads: int, n: int, reps: int = 2) -> dict:
-    """No Serve, no HTTP: ``n`` homogeneous requests as ``n`` single-request ``Predictor.predict`` calls
-    vs one call, on ``threads`` torch threads (as a replica): the most batching can give on this hardware.
-    """
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``n`` torch threads inside the block (as a replica with ``n`` CPUs), the caller's count after."""
     import torch
 
-    from tagray.predict import Predictor
-    from tagray.ray.shared import attach_base, base_info
-
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(n)
     try:
-        pred = Predictor.from_registry(attach_base(base_info(base_spec, dtype)), registry)
-        shape = {"task": TASKS[0], "tagset": sorted(pred.sets)[0]}
-        reqs = [{**shape, "inputs": {"smiles": SMILES[i % len(SMILES)]}} for i in range(n)]
-        pred.predict(reqs[:4])  # warm-up
-        single, batched = [], []
-        for _ in range(reps):  # alternate, so background load hits both alike
-            t = time.perf_counter()
-            for r in reqs:
-                pred.predict([r])
-            single.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            pred.predict(reqs)
-            batched.append(time.perf_counter() - t)
+        yield
     finally:
         torch.set_num_threads(old)
-    s, b = min(single), min(batched)
-    return {"requests": n, "threads": threads, "single_s": s, "batched_s": b, "batched_over_single": s / b}
+
+
+# ---- in-process: an ensemble of 4 trials vs one member -------------------------------------------
+
+
+def trial_sets(base: Any, members: int, length: int) -> dict:
+    """``members`` trials of a search: the SAME stage-1 ``<SMILES>`` (every trial inherits it), their own
+    ``<QED>`` and head (what each trial trained)."""
+    emb = base.model.get_input_embeddings().weight
+    sets = {
+        f"trial{i}": make_tagset(emb, base.fingerprint, ["qed"], seed=100 + i, length=length)
+        for i in range(members)
+    }
+    shared = sets["trial0"].tags[DOMAIN]
+    for ts in sets.values():
+        ts.tags[DOMAIN] = shared.clone()
+    return sets
+
+
+def _timed(pred: Any, reqs: list[dict], batched: bool) -> tuple[float, float]:
+    """Wall and process-CPU seconds of ``pred`` answering ``reqs`` in one call (``batched``) or one call
+    each, with an empty prefix store (no answer from an earlier call). CPU time is what the work costs
+    this process; other jobs on shared cores stretch the wall time, not it."""
+    if pred.model.prefix_store is not None:
+        pred.model.prefix_store.clear()
+    t, c = time.perf_counter(), time.process_time()
+    if batched:
+        pred.predict(reqs)
+    else:
+        for r in reqs:
+            pred.predict([r])
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _agreement(shared: Any, full: Any, single: list[dict], ens: list[dict], names: list[str]) -> dict:
+    """What one ensemble call computed (prefix rows per request, positions per member row in prefix and
+    suffix, and the positions a padded batch runs), and the largest differences on the first 4 requests:
+    members inside the ensemble vs each member alone, shared-prefix path vs full rows."""
+    before = shared.stats["prefix_rows_computed"]
+    got = shared.predict(ens)
+    computed = (shared.stats["prefix_rows_computed"] - before) / len(ens)
+    ls, rows = dict(shared.model.last_split), len(ens) * len(names)
+    prefix = ls["prefix_tokens"] / rows
+    suffix = ls["tokens"] / rows - prefix
+    k = min(4, len(ens))
+    alone = {n: shared.predict([{**r, "tagset": n} for r in single[:k]]) for n in names}
+    member = max(abs(got[i]["members"][n] - alone[n][i]["prediction"]) for n in names for i in range(k))
+    ref = full.predict(ens[:k])
+    split = max(abs(g["prediction"] - f["prediction"]) for g, f in zip(got[:k], ref, strict=True))
+    # right-padded batches: one member pads every row to the longest; the ensemble pads the prefixes to
+    # the longest prefix and runs len(names) suffixes per request (the suffix is the function tag)
+    longest = max(len(shared.resolver.prepare(r).rows[0]) for r in single)
+    padded_single = len(single) * longest
+    padded_ens = len(single) * (longest - suffix) + rows * suffix
+    return {
+        "max_abs_member_vs_alone": member,
+        "max_abs_shared_vs_full_rows": split,
+        "checked_requests": k,
+        "prefix_rows_computed_per_ensemble_request": computed,
+        "positions_per_row": {"prefix": prefix, "suffix": suffix},
+        "positions_model": (prefix + len(names) * suffix) / (prefix + suffix),
+        "positions_model_padded": padded_ens / padded_single,
+    }
+
+
+def _paired(per: dict, a: str, b: str, k: int) -> list[float]:
+    """Per-round ratios ``a / b`` of timing ``k`` (0 wall, 1 CPU)."""
+    return [x[k] / y[k] for x, y in zip(per[a], per[b], strict=True)]
+
+
+def _summarise(times: dict) -> dict:
+    """Per mode: the timings and the medians of the per-round ratios to one member (CPU and wall)."""
+    out: dict[str, Any] = {}
+    for mode, per in times.items():
+        m = out[mode] = {
+            "wall_s": {v: [w for w, _ in t] for v, t in per.items()},
+            "cpu_s": {v: [c for _, c in t] for v, t in per.items()},
+        }
+        for k, kind in ((1, "cpu"), (0, "wall")):
+            m[f"ensemble_over_single_{kind}_per_round"] = r = _paired(per, "ensemble", "single", k)
+            m[f"ensemble_over_single_{kind}"] = statistics.median(r)
+            if "ensemble_no_sharing" in per:
+                m[f"no_sharing_over_single_{kind}"] = statistics.median(
+                    _paired(per, "ensemble_no_sharing", "single", k)
+                )
+    return out
+
+
+def ensemble_micro(
+    base: Any, threads: int, n: int = 16, rounds: int = 3, length: int = 10, members: int = 4
+) -> dict:
+    """No Serve, no HTTP: ``n`` requests of one member vs the same ``n`` requests of an ensemble of
+    ``members`` trials that share their domain tag, on ``threads`` torch threads; one Predictor.
+
+    Variants alternate (rotating order) in ``rounds`` rounds, each as one batched call and as one call per
+    request, every call with an empty prefix store. One member's rows run in one piece (nothing to share:
+    its cheapest path); ``ensemble_no_sharing`` runs the ensemble's rows in full (``prefix_cache_bytes=0``):
+    what ``members`` members cost without the shared prefix.
+    """
+    from tagray.serving import Predictor
+
+    with torch_threads(threads):
+        sets = trial_sets(base, members, length)
+        names = sorted(sets)
+        # both hold every trial's rows in one forward pass (n * members <= max_batch_rows)
+        kw = {"max_batch_rows": max(64, n * members)}
+        shared = Predictor(base, sets, {"top": names}, **kw)
+        full = Predictor(base, sets, {"top": names}, prefix_cache_bytes=0, **kw)
+        single = [
+            {"task": "qed", "tagset": names[0], "inputs": {"smiles": SMILES[i % len(SMILES)]}}
+            for i in range(n)
+        ]
+        ens = [{"task": "qed", "ensemble": "top", "inputs": r["inputs"]} for r in single]
+        check = _agreement(shared, full, single, ens, names)  # also the warm-up
+        shared.predict(single)  # warm the one-piece path too
+        variants = {"single": (shared, single), "ensemble": (shared, ens), "ensemble_no_sharing": (full, ens)}
+        # one call per request: the latency view, without the (slow, predictable) no-sharing reference
+        modes = {"batch": list(variants), "one_by_one": ["single", "ensemble"]}
+        times: dict = {m: {v: [] for v in vs} for m, vs in modes.items()}
+        for r in range(rounds):
+            for mode, per in times.items():
+                order = list(per)[r % len(per) :] + list(per)[: r % len(per)]  # rotating order
+                for v in order:
+                    per[v].append(_timed(*variants[v], batched=mode == "batch"))
+    out: dict[str, Any] = {"base": base.name, "members": members, "requests": n, "threads": threads}
+    out |= {"rounds": rounds, "tag_length": length} | check | _summarise(times)
+    out["ensemble4_over_single"] = out["batch"]["ensemble_over_single_cpu"]  # one thread: CPU time = cost
+    out["target_le_1.5"] = out["ensemble4_over_single"] <= 1.5
+    return out
+
+
+def batch_vs_single(m: dict) -> dict:
+    """From :func:`ensemble_micro`'s one-member variant: its ``n`` requests in one call vs one call each,
+    the most batching gives on this hardware without Serve (wall: best round of each; CPU: median of the
+    per-round ratios)."""
+    o, b = m["one_by_one"], m["batch"]
+    s, t = min(o["wall_s"]["single"]), min(b["wall_s"]["single"])
+    cpu = statistics.median([x / y for x, y in zip(o["cpu_s"]["single"], b["cpu_s"]["single"], strict=True)])
+    return {
+        "requests": m["requests"],
+        "threads": m["threads"],
+        "single_s": s,
+        "batched_s": t,
+        "batched_over_single": s / t,
+        "batched_over_single_cpu": cpu,
+    }
+
+
+MARKER = "serve_ensemble"  # the docs block of render_ensemble
+
+
+def render_ensemble(res: dict) -> str:
+    """The docs' block of ``ensemble_micro`` (docs/serving-benchmark.md shows exactly this)."""
+    m = res["ensemble_micro"]
+    b, o, pos = m["batch"], m["one_by_one"], m["positions_per_row"]
+    rounds = ", ".join(f"{x:.2f}" for x in b["ensemble_over_single_cpu_per_round"])
+    lines = [
+        f"{m['base']}, {m['threads']} torch thread(s), {m['requests']} `qed` requests, {m['members']} members "
+        f"sharing `<SMILES>`, tag length {m['tag_length']}, {m['rounds']} rounds; medians of the per-round "
+        "ratios:",
+        "",
+        "| cost ratio | one call of all requests, CPU time | same, wall time | one call per request, CPU time |",
+        "|---|---:|---:|---:|",
+        f"| **ensemble of {m['members']} / one member** | **{b['ensemble_over_single_cpu']:.2f}x** | "
+        f"{b['ensemble_over_single_wall']:.2f}x | {o['ensemble_over_single_cpu']:.2f}x |",
+        f"| ensemble without the shared prefix / one member | {b['no_sharing_over_single_cpu']:.2f}x | "
+        f"{b['no_sharing_over_single_wall']:.2f}x | |",
+        f"| positions run: (prefix + {m['members']} x suffix) / (prefix + suffix) | "
+        f"{m['positions_model']:.2f}x | | |",
+        f"| same, counting the padding of one right-padded batch | {m['positions_model_padded']:.2f}x | | |",
+    ]
+    med = {v: statistics.median(t) for v, t in b["cpu_s"].items()}
+    verdict = "met" if m["target_le_1.5"] else "not met"
+    lines += [
+        "",
+        f"Per round (CPU, one call): {rounds}. CPU seconds per call of all requests (median): one member "
+        f"{med['single']:.2f}, ensemble {med['ensemble']:.2f}, ensemble without sharing "
+        f"{med['ensemble_no_sharing']:.2f}. Per member row {pos['prefix']:.1f} prefix + {pos['suffix']:.1f} "
+        f"suffix positions; prefix rows computed per ensemble request: "
+        f"{m['prefix_rows_computed_per_ensemble_request']:g}. Largest differences ({m['checked_requests']} "
+        f"requests): a member inside the ensemble vs alone {m['max_abs_member_vs_alone']:.1e}, shared prefix "
+        f"vs full rows {m['max_abs_shared_vs_full_rows']:.1e}. Target <= 1.5x: **{verdict}**.",
+    ]
+    return "\n".join(lines)
+
+
+DOCS = ROOT / "docs" / "serving-benchmark.md"
+
+
+def render_docs(res: dict, path: Path = DOCS) -> None:
+    """Every block below that ``path`` marks (``<!-- begin:NAME -->`` ... ``<!-- end:NAME -->``,
+    bench/harness.py) rendered from ``res``."""
+    from bench.harness import render_into
+
+    blocks = {
+        "serve_scenarios": lambda r: scenario_table(r, True) + "\n\n" + ratio_table(r, True),
+        "serve_memory": lambda r: memory_table(r, True),
+        MARKER: render_ensemble,
+    }
+    for name, fn in blocks.items():
+        if f"<!-- begin:{name} -->" in path.read_text():
+            render_into(path, name, fn(res))
 
 
 # ---- workloads -------------------------------------------------------------------------------------
@@ -577,64 +735,109 @@ def ratios(sc: dict) -> dict:
     return out
 
 
-def print_table(res: dict) -> None:
-    sc, c = res["scenarios"], res["config"]["concurrency"]
-    print(
-        f"\n{res['config']['model']}, concurrency {c}, {res['machine']['cpus']} CPUs (load avg "
-        f"{res['machine']['loadavg_start'][0]:.1f} at start)"
-    )
-    print(
-        f"{'scenario':12s} {'requests':>8s} {'req/s':>7s} {'rows/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} "
-        f"{'errors':>6s} {'rows/pass':>9s}"
-    )
-    for name, s in sc.items():
-        if name.startswith("_"):
-            continue
-        rpp, p50, p99 = s["rows_per_forward_pass"], s["p50_ms"], s["p99_ms"]
-        print(
-            f"{name:12s} {s['requests']:8d} {s['rps']:7.1f} {s['rows_per_s']:7.1f} "
-            f"{'-' if p50 is None else round(p50)!s:>8s} {'-' if p99 is None else round(p99)!s:>8s} "
-            f"{s['errors']:6d} {'-' if rpp is None else round(rpp, 1)!s:>9s}"
-        )
-    r = res["ratios"]
-    if "mixed_over_homogeneous_rps" in r:
-        rounds = " ".join(f"{x:.2f}" for x in r["mixed_over_homogeneous_rps_per_round"])
-        print(
-            f"mixed / homogeneous:   {r['mixed_over_homogeneous_rps']:.2f} req/s "
-            f"({r['mixed_over_homogeneous_rows_per_s']:.2f} rows/s; per round {rounds})   target >= 0.9"
-        )
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def scenario_table(res: dict, markdown: bool = False) -> str:
+    """One row per scenario: requests, req/s, rows/s, p50 / p99 latency, errors, rows per forward pass."""
+    from bench.harness import table
+
+    rows = [
+        {
+            "name": f"{name} ({s['design']})" if markdown else name,
+            "requests": str(s["requests"]),
+            "rps": f"{s['rps']:.2f}",
+            "rows_s": f"{s['rows_per_s']:.2f}",
+            "p50": _num(s["p50_ms"], ".0f"),
+            "p99": _num(s["p99_ms"], ".0f"),
+            "errors": str(s["errors"]),
+            "rpp": _num(s["rows_per_forward_pass"], ".2f"),
+        }
+        for name, s in res["scenarios"].items()
+        if not name.startswith("_")
+    ]
+    heads = ("scenario", "requests", "req/s", "rows/s", "p50 ms", "p99 ms", "errors", "rows / forward pass")
+    return table(rows, [(h, k, "") for h, k in zip(heads, rows[0], strict=True)], markdown)
+
+
+def ratio_table(res: dict, markdown: bool = False) -> str:
+    """The throughput ratios over all rounds and per round, against their targets."""
+    from bench.harness import table
+
+    r, rows = res["ratios"], []
+
+    def add(what: str, key: str, target: str = "", extra: str = "") -> None:
+        if key in r:
+            per = r.get(f"{key}_per_round", [])
+            median = f" (median {statistics.median(per):.2f})" if per else ""
+            rounds = ", ".join(f"{x:.2f}" for x in per) + median
+            rows.append({"what": what, "all": f"{r[key]:.2f}{extra}", "rounds": rounds, "target": target})
+
+    add("mixed / homogeneous, req/s", "mixed_over_homogeneous_rps", ">= 0.9")
+    add("mixed / homogeneous, rows/s", "mixed_over_homogeneous_rows_per_s")
     if "mixed_closed_over_homogeneous_rps" in r:
-        print(
-            f"mixed closed-loop / homogeneous: {r['mixed_closed_over_homogeneous_rps']:.2f} req/s "
-            f"({r['mixed_closed_over_homogeneous_rows_per_s']:.2f} rows/s)"
-        )
-    if "batched_over_unbatched_rps" in r:
-        rounds = " ".join(f"{x:.2f}" for x in r["batched_over_unbatched_rps_per_round"])
-        print(
-            f"batched / unbatched:   {r['batched_over_unbatched_rps']:.2f} req/s (per round {rounds})   "
-            "target >= 2"
-        )
+        rows_s = f" ({r['mixed_closed_over_homogeneous_rows_per_s']:.2f})"
+        add("mixed_closed / homogeneous, req/s (rows/s)", "mixed_closed_over_homogeneous_rps", "", rows_s)
+    add("batched / unbatched, req/s", "batched_over_unbatched_rps", ">= 2")
     mi = res.get("predictor_micro")
     if mi:
-        print(
-            f"Predictor alone (no Serve), {mi['requests']} requests, {mi['threads']} thread(s): "
-            f"{mi['batched_over_single']:.2f}x faster in one batch than one by one"
-        )
-    m = res.get("memory")
-    if m:
-        e, f = m["extra_replica"], m["extra_fraction_of_base"]
-        one = ", ".join(f"{x['uss'] / MiB:.0f}" for x in m["one_replica"])
-        two = ", ".join(f"{x['uss'] / MiB:.0f}" for x in m["two_replicas"])
-        print(
-            f"memory: base {m['base_bytes'] / MiB:.0f} MiB shared; replica USS with 1 replica: {one} MiB; "
-            f"with 2: {two} MiB"
-        )
-        print(
-            f"extra replica: USS {e['uss'] / MiB:.0f} MiB ({f['uss']:.0%} of base; runtime before the base "
-            f"{e['runtime_uss'] / MiB:.0f} MiB), attaching the base +{e['attach_private'] / MiB:.0f} MiB "
-            f"({f['attach_private']:.0%}), private weight pages {e['weights_private'] / MiB:.1f} MiB "
-            f"({f['weights_private']:.1%})   target <= 10%"
-        )
+        what = f"Predictor alone: {mi['requests']} requests in one call vs one by one"
+        rows.append({"what": what, "all": f"{mi['batched_over_single']:.2f}x", "rounds": "", "target": ""})
+    if not rows:
+        return ""
+    cols = [
+        ("ratio", "what", ""),
+        ("all rounds", "all", ""),
+        ("per round", "rounds", ""),
+        ("target", "target", ""),
+    ]
+    return table(rows, cols, markdown)
+
+
+def memory_table(res: dict, markdown: bool = False) -> str:
+    """Per replica, 1 then 2 on the node (MiB): USS and its parts, the weights' mapping, RSS; then what the
+    extra replica adds."""
+    from bench.harness import table
+
+    m = res["memory"]
+    first = {x["pid"] for x in m["one_replica"]}
+    cols = {"replica 1, alone": m["one_replica"][0]}
+    for x in sorted(m["two_replicas"], key=lambda x: x["pid"] not in first):
+        cols["replica 1, with 2" if x["pid"] in first else "replica 2 (added)"] = x
+    measures = (
+        ("USS (private to the process)", "uss", ".0f"),
+        ("of which: runtime before the base (Python, torch, transformers, Ray worker)", "runtime_uss", ".0f"),
+        ("of which: attaching the base (tokenizer, module skeleton, imports)", "attach_private", ".0f"),
+        ("of which: growth while serving (allocator, caches)", "serving_growth", ".0f"),
+        ("private pages in the weights' mapping", "weights_private", ".1f"),
+        ("shared resident pages in the weights' mapping", "weights_shared", ".0f"),
+        ("RSS", "rss", ".0f"),
+    )
+    rows = [{"what": w} | {c: format(x[k] / MiB, f) for c, x in cols.items()} for w, k, f in measures]
+    e, f = m["extra_replica"], m["extra_fraction_of_base"]
+    return (
+        table(rows, [("MiB", "what", "")] + [(c, c, "") for c in cols], markdown)
+        + f"\n\nBase {m['base_bytes'] / MiB:.0f} MiB ({m['base_bytes']:,} bytes), once per node. Scaling 1 -> 2 "
+        f"replicas {'kept the first replica (same PID)' if m['first_replica_kept'] else 'replaced the first one'}"
+        f"; the replicas' summed USS rose by "
+        f"{m['node_uss_delta'] / MiB:.0f} MiB. The extra replica adds {e['weights_private'] / MiB:.1f} MiB of "
+        f"private weight pages ({f['weights_private']:.1%} of the base), {e['attach_private'] / MiB:.0f} MiB "
+        f"private from attaching the base ({f['attach_private']:.0%}), {e['uss'] / MiB:.0f} MiB of USS in all "
+        f"({f['uss']:.0%}); target <= 10 %."
+    )
+
+
+def print_table(res: dict) -> None:
+    c, la = res["config"], res["machine"]["loadavg_start"][0]
+    print(
+        f"\n{c['model']}, concurrency {c['concurrency']}, {res['machine']['cpus']} CPUs (load avg {la:.1f})"
+    )
+    print(scenario_table(res) + "\n\n" + ratio_table(res))
+    if res.get("ensemble_micro"):
+        print(f"ensemble of 4 / one member (in-process): {res['ensemble4_over_single']:.2f}x   target <= 1.5")
+    if res.get("memory") and "extra_replica" in res["memory"]:
+        print("\n" + memory_table(res))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -664,20 +867,123 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the 1 vs 2 replica memory phase")
     p.add_argument("--no-micro", action="store_true", help="skip the in-process Predictor batch/single check")
     p.add_argument("--smoke", action="store_true", help="tiny model, 50 requests, 1 round")
+    p.add_argument(
+        "--ensemble-only",
+        action="store_true",
+        help="only the in-process ensemble-of-4 vs one-member measurement (no Ray); merged into --out",
+    )
+    p.add_argument("--ensemble-rounds", type=int, default=3, help="rounds of the ensemble measurement")
+    p.add_argument(
+        "--ensemble-requests", type=int, default=16, help="requests per call of the ensemble measurement"
+    )
+    p.add_argument("--render-docs", action="store_true", help="render --out's tables into the docs")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/serve_bench[_smoke].json)")
     a = p.parse_args(argv)
     if a.smoke:
         a.model, a.requests, a.rounds, a.tagsets, a.tag_length = "tiny", min(a.requests, 50), 1, 5, 3
+        a.ensemble_rounds = min(a.ensemble_rounds, 2)
     a.out = a.out or str(RESULTS / ("serve_bench_smoke.json" if a.smoke else "serve_bench.json"))
     return a
+
+
+def write_json(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2, default=str) + "\n")
 
 
 def _sigterm(*_: Any) -> None:
     raise KeyboardInterrupt  # run the clean-up in main's finally
 
 
+def run_local(a: argparse.Namespace, res: dict, tmp: str, headers: dict) -> None:
+    """Start Ray and the app, run the in-process checks, the scenarios and the memory phase into ``res``."""
+    from ray import serve
+
+    start_ray(tmp, a.cpus)
+    dtype = "bfloat16" if a.gpus > 0 else "float32"  # what build_app's dtype=auto picks
+    base = tiny_base_dir(os.path.join(tmp, "tiny")) if a.model == "tiny" else "smollm2-135m"
+    registry = os.path.join(tmp, "registry")
+    t = time.time()
+    build_registry(base, registry, a.tagsets, a.tag_length, dtype)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def put(replicas: int, batch: int, version: str) -> None:
+        cfg = app_config(registry, base, a.cpus, replicas, batch, version)
+        cfg["args"].update(gpus=a.gpus, dtype=dtype)
+        if a.batch_wait_ms is not None:
+            cfg["deployments"][0]["user_config"]["batch_wait_timeout_s"] = a.batch_wait_ms / 1e3
+        cfg["args"]["max_ongoing_requests"] = max(64, 2 * a.concurrency)
+        deploy(cfg, url)
+
+    def unbatched(on: bool) -> str:
+        put(1, 1 if on else a.max_batch_size, "unbatched" if on else "batched")  # in place
+        return url
+
+    put(1, a.max_batch_size, "batched")
+    res["startup_s"] = time.time() - t
+    print(f"app up on {url} in {res['startup_s']:.0f}s ({a.model})", flush=True)
+    if a.gpus == 0 and not a.no_micro:
+        from tagray.ray.shared import attach_base, base_info
+
+        m = measure_ensemble(a, res, attach_base(base_info(base, dtype)))  # the node's shared copy
+        res["predictor_micro"] = mi = batch_vs_single(m)
+        print(
+            f"Predictor alone, {mi['requests']} requests: {mi['single_s']:.2f}s one by one, "
+            f"{mi['batched_s']:.2f}s in one batch ({mi['batched_over_single']:.2f}x)",
+            flush=True,
+        )
+    res["scenarios"] = run_scenarios(a, url, headers, unbatched)
+    if not a.no_memory:
+        one = list(replica_memory(1).values())
+        put(2, a.max_batch_size, "two-replicas")  # scaled in place: the first replica stays
+        shapes = compositions(httpx.get(url + "/v1/tags", timeout=60).json())[0]
+        load(url, homogeneous(shapes, 4 * a.concurrency), a.concurrency, headers)  # both serve
+        two = list(replica_memory(2).values())
+        res["memory"] = (
+            memory_report([mem_row(m) for m in one], [mem_row(m) for m in two], one[0]["base_bytes"])
+            if len(two) == 2
+            else {"error": f"reached {len(two)} of 2 replicas"}
+        )
+
+
+def measure_ensemble(a: argparse.Namespace, res: dict, base: Any) -> dict:
+    """:func:`ensemble_micro` into ``res`` (``ensemble_micro`` and the headline ``ensemble4_over_single``)."""
+    t, load_start = time.time(), os.getloadavg()
+    m = ensemble_micro(
+        base, max(1, int(a.cpus)), n=a.ensemble_requests, rounds=a.ensemble_rounds, length=a.tag_length
+    )
+    m |= {"loadavg_start": load_start, "loadavg_end": os.getloadavg(), "measure_s": time.time() - t}
+    res["ensemble_micro"], res["ensemble4_over_single"] = m, m["ensemble4_over_single"]
+    print(render_ensemble(res), flush=True)
+    return m
+
+
+def ensemble_only(a: argparse.Namespace) -> int:
+    """``--ensemble-only``: measure :func:`ensemble_micro` in this process (no Ray) on the real SmolLM2 (or
+    the tiny model with ``--smoke``) and merge it into ``a.out``, keeping everything else there."""
+    from tagray.core.base import load_base
+    from tagray.core.tiny import tiny_base
+
+    out = Path(a.out)
+    res = json.loads(out.read_text()) if out.exists() else {}
+    t = time.time()
+    m = measure_ensemble(a, res, tiny_base() if a.model == "tiny" else load_base(a.model))
+    m["total_s"] = time.time() - t  # with loading the base
+    write_json(out, res)
+    print(f"\nmerged ensemble_micro into {a.out} ({time.time() - t:.0f}s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    if a.render_docs:
+        render_docs(json.loads(Path(a.out).read_text()))
+        print(f"rendered {a.out} into {DOCS}")
+        return 0
+    if a.ensemble_only:
+        return ensemble_only(a)
     headers = {"Authorization": f"Bearer {a.token}"} if a.token else {}
     t_start = time.time()
     res: dict[str, Any] = {
@@ -691,7 +997,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     signal.signal(signal.SIGTERM, _sigterm)
     tmp = tempfile.mkdtemp(prefix="tagray-bench-")
-    started = False
     try:
         if a.url:
             url = a.url.rstrip("/")
@@ -699,57 +1004,11 @@ def main(argv: list[str] | None = None) -> int:
             res["scenarios"] = run_scenarios(a, url, headers, (lambda on: other) if other else None)
             res["memory"] = None  # needs the bench to own the deployment
         else:
-            from ray import serve
-
-            start_ray(tmp, a.cpus)
-            dtype = "bfloat16" if a.gpus > 0 else "float32"  # what build_app's dtype=auto picks
-            started = True
-            base = tiny_base_dir(os.path.join(tmp, "tiny")) if a.model == "tiny" else "smollm2-135m"
-            registry = os.path.join(tmp, "registry")
-            t = time.time()
-            build_registry(base, registry, a.tagsets, a.tag_length, dtype)
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-
-            def put(replicas: int, batch: int, version: str) -> None:
-                cfg = app_config(registry, base, a.cpus, replicas, batch, version)
-                cfg["args"].update(gpus=a.gpus, dtype=dtype)
-                if a.batch_wait_ms is not None:
-                    cfg["deployments"][0]["user_config"]["batch_wait_timeout_s"] = a.batch_wait_ms / 1e3
-                cfg["args"]["max_ongoing_requests"] = max(64, 2 * a.concurrency)
-                deploy(cfg, url)
-
-            def unbatched(on: bool) -> str:
-                put(1, 1 if on else a.max_batch_size, "unbatched" if on else "batched")  # in place
-                return url
-
-            put(1, a.max_batch_size, "batched")
-            res["startup_s"] = time.time() - t
-            print(f"app up on {url} in {res['startup_s']:.0f}s ({a.model})", flush=True)
-            if a.gpus == 0 and not a.no_micro:
-                n = min(a.concurrency, 32)
-                res["predictor_micro"] = m = predictor_micro(base, registry, dtype, max(1, int(a.cpus)), n)
-                print(
-                    f"Predictor alone, {n} requests: {m['single_s']:.2f}s one by one, {m['batched_s']:.2f}s "
-                    f"in one batch ({m['batched_over_single']:.2f}x)",
-                    flush=True,
-                )
-            res["scenarios"] = run_scenarios(a, url, headers, unbatched)
-            if not a.no_memory:
-                one = list(replica_memory(1).values())
-                put(2, a.max_batch_size, "two-replicas")  # scaled in place: the first replica stays
-                shapes = compositions(httpx.get(url + "/v1/tags", timeout=60).json())[0]
-                load(url, homogeneous(shapes, 4 * a.concurrency), a.concurrency, headers)  # both serve
-                two = list(replica_memory(2).values())
-                res["memory"] = (
-                    memory_report([mem_row(m) for m in one], [mem_row(m) for m in two], one[0]["base_bytes"])
-                    if len(two) == 2
-                    else {"error": f"reached {len(two)} of 2 replicas"}
-                )
+            run_local(a, res, tmp, headers)
     finally:
-        if started:
-            import ray
+        import ray
+
+        if ray.is_initialized():
             from ray import serve
 
             try:
@@ -760,8 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     res["ratios"] = ratios(res["scenarios"])
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["total_s"] = time.time() - t_start
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_json(Path(a.out), res)
     print_table(res)
     print(f"\nwrote {a.out} ({res['total_s']:.0f}s)")
     return 0

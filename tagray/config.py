@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import get_type_hints
 
 from .core.errors import ConfigError
-from .util import load_yaml
+from .util import abs_uri, load_yaml, stable_hash
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,25 @@ class TrainConfig:
     probe_rows: int = 0
     """Training rows per new head used for its feature statistics and ridge init (0: all of them; the
     same pass fills the prefix cache, so it costs what the first epoch's prefixes would)."""
+    head_mode: str = "refit"
+    """How a new head follows its moving function tag. ``refit``: re-fitted in closed form (ridge on the
+    current features of ``refit_rows`` training rows) before every optimizer step and evaluation, so the
+    tag's gradient is that of the best linear read-out (variable projection); ``batch``: trained jointly,
+    reading features centred on the batch mean (BatchNorm style), re-centred before evaluations;
+    ``track``: trained jointly with a running feature mean; ``fixed``: trained jointly with the statistics
+    of step 0. docs/training.md measures all four."""
+    refit_rows: int = 0
+    """Training rows per head for ``refit`` and for re-centring (0: all of them)."""
     track_feature_mean: float = 0.2
-    """Momentum with which each new head's feature mean follows the (changing) tags during training, as in
-    BatchNorm; 0 keeps the statistics measured at the start."""
+    """Momentum of the running feature mean with ``head_mode: track``."""
+    optimizer: str = "adamw"
+    """``adamw``, or ``ngd``: normalised gradient descent, each step moves every trainable table by ``lr``
+    (RMS per coordinate) along its gradient. Adam's per-coordinate normalisation turns a noisy gradient
+    into a sign vector that moves every coordinate by the same amount; the function tag's features are so
+    sensitive (docs/training.md) that only steps along the gradient itself improve the read-out."""
+    task_batches: bool = True
+    """Every batch holds rows of one task (batches of different tasks interleave): each head then sees
+    enough rows per batch to centre on, and bucketing by length works within a task."""
     select_metric: str = "val_loss"
     """Metric that picks the best checkpoint (lower is better). ``val_loss``: each group of tasks that
     share trainable parameters keeps the step where its own mean validation loss was lowest."""
@@ -79,6 +95,12 @@ class TrainConfig:
             raise ConfigError("lr", "must be > 0")
         if self.head_init not in ("ridge", "paper"):
             raise ConfigError("head_init", "use ridge or paper")
+        if self.head_mode not in ("refit", "batch", "track", "fixed"):
+            raise ConfigError("head_mode", "use refit, batch, track or fixed")
+        if self.refit_rows < 0:
+            raise ConfigError("refit_rows", "must be >= 0 (0: all training rows)")
+        if self.optimizer not in ("adamw", "ngd"):
+            raise ConfigError("optimizer", "use adamw or ngd")
         if not 0 <= self.track_feature_mean <= 1:
             raise ConfigError("track_feature_mean", "must be in [0, 1]")
         if not 0 <= self.warmup_ratio < 1:
@@ -256,3 +278,33 @@ def stage_from_dict(d: dict) -> StageConfig:
     d["train"] = _build(TrainConfig, d.get("train", {}), "train")
     d["scaling"] = _build(ScalingConfig, d.get("scaling", {}), "scaling")
     return _build(StageConfig, d, "stage")
+
+
+def init_ref(cfg: PipelineConfig, stage: StageConfig) -> str | None:
+    """``stage.init_from`` with ``previous`` replaced by the earlier stage's name."""
+    if stage.init_from != "previous":
+        return stage.init_from
+    names = [s.name for s in cfg.stages]  # parse_pipeline turns the first stage's "previous" into None
+    return names[names.index(stage.name) - 1]
+
+
+def initial_tags(cfg: PipelineConfig, stage: StageConfig) -> str | None:
+    """The tag set ``stage`` starts from: an earlier stage's artifact folder, a tag-set path, or None."""
+    from .core.artifacts import is_tagset
+
+    ref = init_ref(cfg, stage)
+    if ref is None:
+        return None
+    if ref in [s.name for s in cfg.stages]:
+        return abs_uri(cfg.run_dir()) + "/" + ref
+    if not is_tagset(ref):
+        raise ConfigError(
+            f"stages.{stage.name}.init_from", f"{ref!r} is neither a stage name nor a tag-set folder"
+        )
+    return ref
+
+
+def stage_hash(cfg: PipelineConfig, stage: StageConfig) -> str:
+    """What a stage's artifact depends on: its config, the base, the dtype and its initial tags."""
+    doc = {"stage": to_dict(stage), "base": cfg.base, "dtype": cfg.dtype, "init": initial_tags(cfg, stage)}
+    return stable_hash(doc)

@@ -14,11 +14,11 @@ from typing import Protocol
 
 import fsspec
 
-from .config import PipelineConfig, StageConfig, to_dict
+from .config import PipelineConfig, initial_tags, stage_hash
 from .core.artifacts import is_tagset, load_tagset
 from .core.errors import ConfigError
 from .train import Runtime, StageJob, run_stage
-from .util import abs_uri, is_remote, stable_hash
+from .util import abs_uri, is_remote
 
 log = logging.getLogger("tagray")
 
@@ -37,33 +37,26 @@ class LocalExecutor:
         run_stage(job, Runtime(checkpoint_dir=ckpt), config_hash=config_hash)
 
 
-def stage_hash(cfg: PipelineConfig, st: StageConfig, init: str | None) -> str:
-    return stable_hash({"stage": to_dict(st), "base": cfg.base, "dtype": cfg.dtype, "init": init})
+def check_tasks(cfg: PipelineConfig) -> None:
+    """Parse every stage's task definitions now, so a bad task fails before any model or Ray starts."""
+    from .tasks.spec import load_task
 
-
-def resolve_init(cfg: PipelineConfig, st: StageConfig, prev_out: str | None) -> str | None:
-    ref = st.init_from
-    if ref is None:
-        return None
-    if ref == "previous":
-        return prev_out
-    names = [s.name for s in cfg.stages]
-    if ref in names:
-        return abs_uri(cfg.run_dir()) + "/" + ref
-    if not is_tagset(ref):
-        raise ConfigError(
-            f"stages.{st.name}.init_from", f"{ref!r} is neither a stage name nor a tag-set folder"
-        )
-    return ref
+    for st in cfg.stages:
+        for i, t in enumerate(list(st.tasks) + list(st.eval_tasks)):
+            try:
+                load_task(t)
+            except ConfigError as e:
+                raise ConfigError(e.field, e.message + f" (stage {st.name!r}, task {i})") from None
 
 
 def plan(cfg: PipelineConfig, only: list[str] | None = None) -> list[tuple[StageJob, str, bool]]:
     """``[(job, config hash, already done)]`` for every stage to run, in order."""
+    check_tasks(cfg)
     run_dir = abs_uri(cfg.run_dir())
-    out, prev = [], None
+    out = []
     for st in cfg.stages:
-        init = resolve_init(cfg, st, prev)
-        h = stage_hash(cfg, st, init)
+        init = initial_tags(cfg, st)
+        h = stage_hash(cfg, st)
         dest = f"{run_dir}/{st.name}"
         done = is_tagset(dest) and load_tagset(dest).meta.get("config_hash") == h
         job = StageJob(
@@ -71,7 +64,6 @@ def plan(cfg: PipelineConfig, only: list[str] | None = None) -> list[tuple[Stage
         )
         if only is None or st.name in only:
             out.append((job, h, done))
-        prev = dest
     if only:
         unknown = set(only) - {s.name for s in cfg.stages}
         if unknown:

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random models (seconds), the real SmolLM2 (minutes), one local Ray, a local S3.
 
 Tiers: tests marked ``slow`` use the real SmolLM2 or a real Ray cluster; the rest run in seconds.
-No fixture touches the network: the tokenizer comes from the packaged SmolLM2, S3 is a moto server.
+No fixture touches the network: the unit tier's tokenizer is built in-process, S3 is a moto server.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import socket
 import tempfile
 
 import pytest
-import torch
 
 # Test isolation: Ray's temp files, auth token and tagray's caches stay out of the user's home.
 _TMP = tempfile.mkdtemp(prefix="tagray-tests-")
@@ -41,46 +40,27 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2):
-    return smollm2.tokenizer
+def tokenizer():
+    """A tiny byte-level BPE built in-process: the unit tier never needs the real SmolLM2."""
+    from tagray.core.tiny import tiny_tokenizer
 
-
-def _tiny(kind: str, tokenizer, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    from tagray.core.base import Base, fingerprint, freeze
-
-    torch.manual_seed(seed)
-    V = len(tokenizer)
-    if kind == "llama":
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=V,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=512,
-                tie_word_embeddings=True,
-            )
-        )
-    else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=512))
-    freeze(model)
-    return Base(name=f"tiny-{kind}", model=model, tokenizer=tokenizer, fingerprint=fingerprint(model))
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tokenizer):
-    """A 2-layer random Llama with SmolLM2's real tokenizer (for fast unit tests of code paths)."""
-    return _tiny("llama", tokenizer)
+    """A 2-layer random Llama (for fast unit tests of code paths)."""
+    from tagray.core.tiny import tiny_base
+
+    return tiny_base("llama", tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tokenizer):
     """A 2-layer random GPT-2: a second, non-Llama architecture."""
-    return _tiny("gpt2", tokenizer)
+    from tagray.core.tiny import tiny_base
+
+    return tiny_base("gpt2", tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,12 +20,63 @@ BARE = """
 import runpy, sys
 class _Bare:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"ray", "rdkit", "datasets"}:
+        if name.split(".")[0] in {"ray", "rdkit", "datasets", "s3fs"}:
             raise ModuleNotFoundError(f"no module named {name!r}", name=name)
 sys.meta_path.insert(0, _Bare())
 sys.argv = ["bench/gpu_bench.py", *sys.argv[1:]]
 runpy.run_path("bench/gpu_bench.py", run_name="__main__")
 """
+# tagray's core needs torch + transformers + safetensors only: no Ray, no fsspec (peft itself needs fsspec)
+CORE_WITHOUT_FSSPEC = """
+import sys
+class _Bare:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"ray", "rdkit", "datasets", "fsspec", "s3fs"}:
+            raise ModuleNotFoundError(f"no module named {name!r}", name=name)
+sys.meta_path.insert(0, _Bare())
+import tagray.core.model, tagray.core.prefix, tagray.core.data, tagray.core.heads, tagray.core.tags
+"""
+PREFIX_SUITE = {
+    "tagray cache fill",
+    "tagray cache reuse",
+    "tagray prefix recompute",
+    "tagray full forward",
+    "peft-head",
+}
+LEVERS = {"peft-lm (random)", "peft-head +logits (random)", "tagray full (random)", "tagray full +logits"}
+
+
+def _check_prefix_cache(res: dict) -> None:
+    """Every variant timed on the same rows; the cache filled in epoch 1 and was only read afterwards."""
+    by = {v["name"]: v for v in res["variants"]}
+    steps, epochs = res["config"]["steps"], res["config"]["epochs"]
+    assert by["tagray cache fill"]["steps"] == steps and by["tagray cache reuse"]["steps"] == steps * (
+        epochs - 1
+    )
+    assert all(
+        by[n]["steps"] == steps * epochs for n in PREFIX_SUITE - {"tagray cache fill", "tagray cache reuse"}
+    )
+    assert all(v["rows_per_s"] > 0 and math.isfinite(v["last_loss"]) for v in by.values())
+    # the same rows: tagray variants see the same tokens; PEFT sees them without tag slots, + virtual tokens
+    tagray = {by[n]["useful_tokens"] / by[n]["steps"] for n in PREFIX_SUITE - {"peft-head"}}
+    assert len(tagray) == 1
+    assert (
+        by["tagray full forward"]["nograd_slots"] == 0 and by["tagray prefix recompute"]["nograd_slots"] > 0
+    )
+    assert by["tagray cache reuse"]["nograd_slots"] == 0  # every prefix came from the store
+    pc = res["prefix_cache"]
+    assert set(pc["rows_per_s"]) == {"cache_reuse", "cache_fill", "prefix_recompute", "full_forward", "peft"}
+    assert set(pc["speedup_vs_peft_same_batches"]) == set(pc["rows_per_s"]) - {"peft"}
+    c = pc["cache"]
+    rows = steps * res["config"]["batch_size"]
+    assert c["rows"] == rows and c["stats"] == {
+        "hits": rows * (epochs - 1),
+        "misses": rows,
+        "spilled": 0,
+        "evicted": 0,
+    }
+    # the measured bytes per row are the formula: layers x 2 x kv heads x head dim x dtype bytes x prefix tokens
+    assert c["bytes_per_row_measured"] == pytest.approx(c["bytes_per_row_formula"], rel=1e-9)
 
 
 def test_train_vs_peft_smoke(tmp_path, capsys):
@@ -33,48 +85,47 @@ def test_train_vs_peft_smoke(tmp_path, capsys):
     out = tmp_path / "train_vs_peft.json"
     threads = torch.get_num_threads()
     try:
-        assert train_vs_peft.main(["--smoke", "--ablation", "full", "--out", str(out)]) == 0
+        assert train_vs_peft.main(["--smoke", "--levers", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)  # the script sets --threads for the whole process
     res = json.loads(out.read_text())
-    by = {v["name"]: v for v in res["variants"]}
-    assert set(by) == {
-        "tagray",
-        "peft-lm",
-        "peft-head",
-        "tagray -bucketing",
-        "tagray +logits",
-        "tagray -bucketing +logits",
-    }
-    for v in by.values():
-        assert v["steps"] == 2 and v["useful_tok_per_s"] > 0 and math.isfinite(v["last_loss"])
-        assert 0 < v["useful_fraction"] <= 1 and 0 < v["epoch_useful_fraction"] <= 1
-    assert len({v["useful_tokens"] for v in by.values()}) == 1  # every variant trained on the same rows
-    assert by["tagray"]["batches"] == "bucketed" and by["peft-lm"]["batches"] == "random"
-    assert res["config"]["virtual_tokens"] == 2 * res["config"]["tag_length"]
-    expected = {"tagray / peft-lm", "tagray / peft-head", "bucketing: tagray / tagray -bucketing"}
-    assert all(expected <= set(r) for r in res["ratios"].values())
-    assert "tagray / peft-lm" in capsys.readouterr().out
+    assert {v["name"] for v in res["variants"]} == PREFIX_SUITE | LEVERS
+    _check_prefix_cache(res)
+    assert res["memory"]["peak_rss_gib"] > 0 and set(res["levers_rows_per_s_ratio"]) == set(
+        train_vs_peft.PAIRS
+    )
+    printed = capsys.readouterr().out
+    assert "tagray cache reuse" in printed and "B/token" in printed
+    doc = tmp_path / "doc.md"
+    doc.write_text("# x\n<!-- begin:train_vs_peft -->\nold\n<!-- end:train_vs_peft -->\n")
+    train_vs_peft.DOC = doc  # --render writes the JSON's tables into the doc between the markers
+    try:
+        assert train_vs_peft.main(["--render", "--out", str(out)]) == 0
+    finally:
+        train_vs_peft.DOC = ROOT / "docs" / "benchmarks.md"
+    assert "| tagray cache reuse |" in doc.read_text() and "old" not in doc.read_text()
 
 
 def test_gpu_bench_smoke_on_a_bare_machine(tmp_path):
     out = tmp_path / "gpu_bench.json"
     env = {**os.environ, "PYTHONPATH": ""}
-    r = subprocess.run(
-        [sys.executable, "-c", BARE, "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = lambda code, *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, *a], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
+    core = run(CORE_WITHOUT_FSSPEC)
+    assert core.returncode == 0, core.stderr[-3000:]
+    r = run(BARE, "--smoke", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    by = {v["name"]: v for v in res["variants"]}
-    assert {"tagray", "peft-lm", "peft-head", "serve tagray", "serve peft-head"} <= set(by)
-    assert all(v["steps"] == 2 and v["useful_tok_per_s"] > 0 for v in by.values())
-    assert by["serve tagray"]["kind"] == "serve" and "tagray / peft-head" in res["ratios"]["measured"]
-    assert "serve tagray" in r.stdout
+    assert {v["name"] for v in res["variants"]} == PREFIX_SUITE
+    _check_prefix_cache(res)
+    assert res["params"]["n_block"] > 0 and set(res["mfu_definition"]) == {
+        "N",
+        "trained_tokens",
+        "mfu_4n",
+        "mfu_hw",
+    }
+    assert "tagray cache reuse" in r.stdout and "vs peft-head" in r.stdout
 
 
 def test_gpu_bench_lengths_match_the_measured_smiles_distribution():

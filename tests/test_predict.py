@@ -1,13 +1,15 @@
 """Predictor: one forward pass over many tag sets, ensembles, zero-shot composition, generation, errors.
 
-Fast: tiny random models with SmolLM2's tokenizer, tag sets built directly (no training). Tags need not
-be trained for equality tests; random tags make compositions and ensemble members differ visibly.
+Fast: tiny random models with a small in-process tokenizer (tagray.core.tiny), tag sets built directly
+(no training). Tags need not be trained for equality tests; random tags make compositions and ensemble
+members differ visibly.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import unicodedata
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from tagray.core.model import TagLLM
 from tagray.core.tags import TagBank, mean_embedding_init
 from tagray.core.template import template_tags
 from tagray.core.weights import export_state, import_state
-from tagray.predict import Predictor
+from tagray.serving import Predictor
 from tagray.tasks.spec import load_task
 
 SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C"]
@@ -392,3 +394,127 @@ def test_empty_predictor(tiny_llama):
         p.predict([qed("CCO")])
     out = p.predict([qed("CCO")], return_errors=True)
     assert isinstance(out[0], TagrayError)
+
+
+# ---- shared prefixes, deduplicated tags, control characters ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trials(tiny_llama):
+    """Four search trials: the same stage-1 ``<SMILES>`` (inherited, identical values), their own <QED>."""
+    out = {f"trial{i}": random_tagset(tiny_llama, ["qed"], seed=20 + i) for i in range(4)}
+    shared = out["trial0"].tags["<SMILES>"]
+    for ts in out.values():
+        ts.tags["<SMILES>"] = shared.clone()
+    return out
+
+
+def test_merge_dedupes_identical_tags_and_keeps_aliases(trials):
+    from tagray.core.artifacts import merge_tagsets
+
+    m = merge_tagsets(trials)
+    assert [n for n in m.tags if n.endswith("<SMILES>")] == ["trial0/<SMILES>"]  # one entry for 4 sets
+    assert len([n for n in m.tags if n.endswith("<QED>")]) == 4  # different values: kept apart
+    aliases = m.meta["aliases"]
+    assert {aliases[f"trial{i}/<SMILES>"] for i in range(4)} == {"trial0/<SMILES>"}
+    assert all(aliases[f"trial{i}/<QED>"] == f"trial{i}/<QED>" for i in range(4))
+    assert set(m.heads) == {f"trial{i}/<QED>" for i in range(4)}  # heads are never merged
+
+
+def test_ensemble_computes_its_shared_prefix_once(tiny_llama, trials):
+    names = sorted(trials)
+    p = Predictor(tiny_llama, trials, {"top4": names})
+    off = Predictor(tiny_llama, trials, {"top4": names}, prefix_cache_bytes=0)  # no split at all
+    assert off.model.prefix == "off" and p.model.prefix == "auto"
+    (e,) = p.predict([qed(SMILES[3], ensemble="top4")])
+    assert p.model.last_split["computed_rows"] == 1  # 4 member rows, one prompt prefix
+    assert p.stats["prefix_rows_computed"] == 1 and p.stats["prefix_rows_reused"] == 3
+    # the suffix is the function tag only: 3 vectors of <QED> per member
+    assert p.model.last_split["tokens"] - p.model.last_split["prefix_tokens"] == 4 * 3
+    singles = {n: p.predict([qed(SMILES[3], tagset=n)])[0]["prediction"] for n in names}
+    assert e["members"] == pytest.approx(singles, abs=1e-5)
+    assert len({round(v, 4) for v in singles.values()}) == 4  # the members really differ
+    (full,) = off.predict([qed(SMILES[3], ensemble="top4")])
+    assert same(e, full), (e, full)
+    assert e["composition"]["trial2"]["<SMILES>"] == "trial2/<SMILES>"  # the alias is what clients see
+    # the same request again: its prefix comes from the store
+    (again,) = p.predict([qed(SMILES[3], ensemble="top4")])
+    assert p.model.last_split["computed_rows"] == 0 and same(again, e)
+
+
+def test_split_equals_full_forward_on_a_mixed_batch(tiny_llama, sets):
+    """Isolated spans, compositions, ensembles, proteins: the shared-prefix path = the full forward."""
+    iso = copy.copy(sets["chem2"])
+    iso.meta = {"train_config": {"isolate_spans": True}}
+    mixed = {**sets, "iso": iso}
+    ens = {"e": ["chem", "chem2", "iso"]}
+    reqs = [
+        qed(SMILES[0], ensemble="e"),
+        qed(SMILES[1], tagset="iso"),
+        qed(SMILES[2], tagset="iso", compose={"<SMILES>": "chem"}),
+        {"task": "logp", "tagset": "iso", "inputs": {"smiles": SMILES[3]}},
+        {"tag": "<AMP>", "inputs": {"seq": PEPTIDES[0]}},
+        {"tag": "<Descriptor>", "inputs": {"seq": PEPTIDES[1]}},
+    ]
+    split = Predictor(tiny_llama, mixed, ens).predict(reqs)
+    full = Predictor(tiny_llama, mixed, ens, prefix_cache_bytes=0).predict(reqs)
+    for a, b in zip(split, full, strict=True):
+        assert same(a, b), (a, b)
+    plain = Predictor(tiny_llama, mixed).predict([qed(SMILES[1], tagset="chem2")])[0]["prediction"]
+    assert abs(plain - split[1]["prediction"]) > 1e-5  # isolation really changed the answer
+
+
+def test_generate_uses_trainings_decoding_with_isolated_spans(tiny_llama, sets):
+    from tagray.train.evaluate import generate_text
+
+    lang = copy.copy(sets["lang"])
+    lang.meta = {"train_config": {"isolate_spans": True}}
+    row = {"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour le monde"}
+    model = TagLLM(tiny_llama.model, TagBank(lang.tags), isolate_spans=True).eval()
+    spec = load_task("translate")
+    want = generate_text(model, tiny_llama.tokenizer, spec, [{**row, "tgt": ""}], "cpu", max_new_tokens=8)[0]
+    (got,) = Predictor(tiny_llama, {"lang": lang}).generate(
+        [{"tag": "<Translate>", "inputs": row, "max_new_tokens": 8}]
+    )
+    assert got["text"] == want
+
+
+CONTROL_CHARS = [
+    chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cc" and chr(c) not in "\t\n\r"
+]
+
+
+def test_control_characters_are_refused_naming_the_field(pred):
+    assert len(CONTROL_CHARS) == 65 - 3  # C0 (32), DEL, C1 (32), less tab / newline / return
+    for c in CONTROL_CHARS:
+        with pytest.raises(InputError) as e:
+            pred.predict([qed(f"CC{c}O")])
+        assert e.value.field == "inputs.smiles" and f"U+{ord(c):04X}" in e.value.message, e.value
+    for req, field in (
+        (qed("CCO", tagset="chem\x00"), "tagset"),
+        (qed("CCO", compose={"<SMILES>": "chem2\x1b"}), "compose.<SMILES>"),
+        ({"tag": "<QED>", "inputs": {"smiles": "CCO", "note\x00": "x"}}, "inputs.note\x00.[key]"),
+        ({"task": "qed\x7f", "inputs": {"smiles": "CCO"}}, "task"),
+    ):
+        with pytest.raises(InputError) as e:
+            pred.predict([req])
+        assert e.value.field == field and e.value.status == 422, e.value
+    ok = {"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour\tle\nmonde\r"}  # whitespace controls are text
+    assert pred.generate([{"tag": "<Translate>", "inputs": ok, "max_new_tokens": 2}])[0]["text"] is not None
+
+
+def test_encoders_are_bounded(tiny_llama, sets):
+    """Compositions are user input: the template encoders they create are kept in a bounded LRU."""
+    p = Predictor(tiny_llama, sets)
+    p.resolver.encoders.size = 3
+    for src in ("chem", "chem2", "lang/<FR>", "lang/<DE>", "prot/<Protein>"):
+        p.predict([qed("CCO", tagset="chem", compose={"<SMILES>": src})])
+    assert len(p.resolver.encoders) == 3
+    assert p.predict([qed("CCO", tagset="chem", compose={"<SMILES>": "chem2"})])[0][
+        "prediction"
+    ] == pytest.approx(
+        Predictor(tiny_llama, sets).predict([qed("CCO", tagset="chem", compose={"<SMILES>": "chem2"})])[0][
+            "prediction"
+        ],
+        abs=1e-6,
+    )

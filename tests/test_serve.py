@@ -1,5 +1,6 @@
-"""Ray Serve app over real HTTP on 127.0.0.1: equality with the offline Predictor, batching, bad input,
-fuzzing, reload in place, load, a replica killed under load, and two SmolLM2 replicas sharing one base.
+"""Ray Serve app over real HTTP on 127.0.0.1: equality with the offline Predictor, batching, bad input
+(control characters, chunked bodies over the limit), fuzzing, reload in place, autoscaling / queue-bound
+options, load shedding, load, a replica killed under load, and two SmolLM2 replicas sharing one base.
 
 One Serve instance and one tiny-model app for the module (start-up dominates); the SmolLM2 app is added
 for one test and removed again. Apps are deployed declaratively (like ``serve deploy jobs/serve.yaml``)
@@ -21,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tagray.predict import Predictor
 from tagray.registry import publish_ensemble, publish_tagset
+from tagray.serving import Predictor
 
 try:  # tests/ as a package or as a plain folder on sys.path
     from tests.test_predict import PEPTIDES, SMILES, random_tagset, same
@@ -32,6 +33,7 @@ except ImportError:
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "test-token-123"
 APP = "tiny"
+SCALE = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}, "max_queued_requests": 1000}
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------
@@ -105,7 +107,8 @@ def server(ray_local, registry, tiny_base_dir):
     ours = [o for o in owners if not exists(*o)]  # leave owners other test modules created alone
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = app_config(APP, registry, tiny_base_dir, "/", token=TOKEN)
+    # autoscaled between 2 and 2 replicas: the options reach Serve, the tests still see two replicas
+    cfg = app_config(APP, registry, tiny_base_dir, "/", token=TOKEN, **SCALE)
     t0 = time.time()
     deploy([cfg])
     print(f"\ntiny app up in {time.time() - t0:.1f}s")
@@ -319,6 +322,17 @@ BAD = [  # (path, json or raw bytes, status, field)
         422,
         "inputs.src",
     ),
+    # NUL and other control characters (category Cc but tab / newline / return), wherever text goes
+    ("/v1/predict", b'{"tag": "<QED>", "inputs": {"smiles": "C\\u0000C"}}', 422, "inputs.smiles"),
+    (
+        "/v1/generate",
+        {"tag": "<Translate>", "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "x\x1b[2J"}},
+        422,
+        "inputs.src",
+    ),
+    ("/v1/predict", qed("CC\x85O"), 422, "inputs.smiles"),  # C1 control (NEL)
+    ("/v1/predict", qed("CCO", compose={"<SMILES>": "chem2\x00"}), 422, "compose.<SMILES>"),
+    ("/v1/predict", qed("CCO", tagset="chem\x7f"), 422, "tagset"),
     ("/v1/predict", {"tag": "<QED>", "inputs": {"smiles": 5}}, 422, "inputs.smiles"),
     ("/v1/predict", {"tag": "<QED>", "inputs": {"smiles": "CCO"}, "extra": 1}, 422, "extra"),
     ("/v1/predict", {"tag": "<QED>"}, 422, "inputs"),
@@ -368,8 +382,113 @@ def test_auth(client):
     assert httpx.get(url + "/v1/tags").status_code == 401
 
 
+def chunked_post(port: int, path: str, total: int, chunk: int = 64 * 1024) -> tuple[int, dict, int]:
+    """POST ``total`` bytes with ``Transfer-Encoding: chunked`` (no Content-Length) over a raw socket,
+    stopping as soon as the server answers. Returns (status, JSON body, bytes sent)."""
+    import select
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    s.sendall(head.encode())
+    sent, piece = 0, b" " * chunk
+    try:
+        while sent < total and not select.select([s], [], [], 0)[0]:  # until an answer is waiting
+            s.sendall(f"{chunk:x}\r\n".encode() + piece + b"\r\n")
+            sent += chunk
+        if sent >= total:
+            s.sendall(b"0\r\n\r\n")
+    except OSError:  # the server closed its side after answering: the answer is still readable
+        pass
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            more = s.recv(65536)
+            if not more:
+                break
+            data += more
+    except OSError:  # reset after the answer arrived: keep what was read
+        pass
+    s.close()
+    assert data, f"no answer after sending {sent} bytes"
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1][: _length(data)]), sent
+
+
+def _length(raw: bytes) -> int:
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    return next(
+        (int(x.split(":")[1]) for x in head.split("\r\n") if x.startswith("content-length:")), 1 << 30
+    )
+
+
+def test_chunked_upload_over_the_limit_is_413(server, client):
+    """No Content-Length to refuse up front: the limit is enforced on the bytes actually read."""
+    status, body, sent = chunked_post(server["port"], "/v1/predict", total=5 * 2**20)
+    assert status == 413 and body["field"] == "body" and body["error"] == "PayloadTooLarge", body
+    assert sent < 5 * 2**20  # refused while the upload was still going
+    # a small chunked body is read and served as usual
+    small = json.dumps(qed("CCO")).encode()
+    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        r = c.post(
+            "/v1/predict",
+            content=iter([small[:10], small[10:]]),
+            headers={"content-type": "application/json"},
+        )
+    assert r.status_code == 200 and "content-length" not in r.request.headers, r.text
+
+
+def test_scale_options_reach_serve(server):
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    cfg = details["applications"][APP]["deployments"]["TagModel"]["deployment_config"]
+    assert cfg["autoscaling_config"]["min_replicas"] == 2 and cfg["autoscaling_config"]["max_replicas"] == 2
+    assert cfg["max_queued_requests"] == 1000
+
+
+def test_max_queued_requests_sheds_load_with_503(server, registry, tiny_base_dir):
+    """One replica, 2 requests in flight and 1 queued at most: the rest get 503 + Retry-After at once."""
+    shed = app_config(
+        "shed",
+        registry,
+        tiny_base_dir,
+        "/shed",
+        token=TOKEN,
+        replicas=1,
+        max_batch_size=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+    )
+    shed["deployments"][0]["user_config"].update(max_batch_size=1, max_generate_batch_size=1)
+    deploy(server["apps"] + [shed])
+    try:
+        gen = {
+            "tag": "<Translate>",
+            "inputs": {"src_lang": "FR", "tgt_lang": "DE", "src": "Bonjour"},
+            "max_new_tokens": 256,
+        }
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(
+                base_url=server["url"], timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as c:
+                return await asyncio.gather(*[c.post("/shed/v1/generate", json=gen) for _ in range(16)])
+
+        out = asyncio.run(burst())
+        codes = [r.status_code for r in out]
+        print(f"\nmax_queued_requests=1, 16 at once: {codes.count(200)} served, {codes.count(503)} shed")
+        assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 8, codes
+        r = next(r for r in out if r.status_code == 503)
+        assert r.headers["retry-after"] == "1" and r.json()["field"] == "replica"
+    finally:
+        deploy(server["apps"])
+
+
 # text with lone surrogates too: JSON can carry them ("\ud800"), Python keeps them, UTF-8 cannot encode them
-TEXT = st.text(max_size=20) | st.text(st.characters(categories=["Cs", "Ll", "Nd", "Po"]), max_size=8)
+TEXT = st.text(max_size=20) | st.text(st.characters(categories=["Cs", "Cc", "Ll", "Nd", "Po"]), max_size=8)
 JSONV = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | TEXT,
     lambda c: st.lists(c, max_size=4) | st.dictionaries(TEXT, c, max_size=4),
@@ -472,7 +591,9 @@ def test_jobs_serve_yaml_is_a_valid_serve_config():
     cfg = ServeDeploySchema(**yaml.safe_load(text))
     (app,) = cfg.applications
     assert app.import_path == "tagray.ray.serve:build_app" and cfg.http_options.host == "127.0.0.1"
-    AppArgs.model_validate(app.args)
+    args = AppArgs.model_validate(app.args)
+    assert "max_queued_requests" in app.args and "autoscaling_config" in text  # documented options
+    assert args.max_queued_requests >= 1
     model = next(d for d in app.deployments if d.name == "TagModel")
     assert set(model.user_config) <= USER_CONFIG_KEYS and "registry" in model.user_config
 
@@ -480,11 +601,13 @@ def test_jobs_serve_yaml_is_a_valid_serve_config():
 def test_cli_parser():
     import argparse
 
-    from tagray.ray.serve import add_cli, cmd_serve
+    from tagray.ray.serve import AppArgs, add_cli, cmd_serve
 
     parser = argparse.ArgumentParser(prog="tagray")
     add_cli(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args(["serve", "--registry", "s3://b/reg", "--replicas", "2", "--token", "t"])
+    a = parser.parse_args(
+        ["serve", "--registry", "s3://b/reg", "--replicas", "2", "--token", "t", "--max-replicas", "4"]
+    )
     assert (a.registry, a.host, a.port, a.replicas, a.token, a.func) == (
         "s3://b/reg",
         "127.0.0.1",
@@ -493,6 +616,51 @@ def test_cli_parser():
         "t",
         cmd_serve,
     )
+    from tagray.serving.deploy import app_args
+
+    built = app_args(a, a.token)
+    assert built["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 4}
+    assert AppArgs.model_validate(built).max_queued_requests == -1
+
+
+def test_serve_options_on_a_parser_the_cli_builds():
+    """``tagray.cli`` builds the ``serve`` sub-parser itself and only asks for its options."""
+    import argparse
+
+    from tagray.cli import build_parser
+    from tagray.ray.serve import cmd_serve
+    from tagray.serving.deploy import add_arguments, add_parser
+
+    own = argparse.ArgumentParser(prog="tagray serve")
+    add_arguments(own)
+    a = own.parse_args(["--registry", "/r", "--port", "9000", "--gpus", "1"])
+    assert (a.registry, a.port, a.gpus, a.base, a.max_queued_requests) == (
+        "/r",
+        9000,
+        1.0,
+        "smollm2-135m",
+        -1,
+    )
+    other = argparse.ArgumentParser()
+    assert add_parser(other) is other and other.parse_args(["--registry", "x"]).registry == "x"  # both ways
+    b = build_parser().parse_args(["serve", "--registry", "/r", "--replicas", "3"])
+    assert (b.registry, b.replicas) == ("/r", 3)
+    assert b.fn.__module__ == "tagray.cli" and callable(cmd_serve)  # tagray.cli's `serve` -> cmd_serve
+
+
+def test_build_app_refuses_bad_scale_options():
+    from tagray.core.errors import ConfigError
+    from tagray.ray.serve import build_app
+
+    for args, field in (
+        ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}, "args.autoscaling_config"),
+        ({"autoscaling_config": {"max_replica": 3}}, "args.autoscaling_config.max_replica"),
+        ({"max_queued_requests": -5}, "args.max_queued_requests"),
+        ({"replica": 2}, "args.replica"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            build_app({"registry": "/r", **args})
+        assert e.value.field == field, e.value
 
 
 def test_load_1000_requests_concurrency_32(server):

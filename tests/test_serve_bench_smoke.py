@@ -1,7 +1,9 @@
-"""Smoke test of ``bench/serve_bench.py --smoke``: it runs end to end and writes its JSON (no timing checks).
+"""Smoke tests of ``bench/serve_bench.py``: ``--smoke`` runs end to end and writes its JSON, and
+``--ensemble-only`` merges its measurement into an existing JSON and renders the docs block (no timing
+checks).
 
-The script starts its own local Ray in a subprocess (tiny random model, 50 requests per scenario), so it
-does not touch the Ray instance other tests share.
+The full script starts its own local Ray in a subprocess (tiny random model, 50 requests per scenario), so
+it does not touch the Ray instance other tests share; ``--ensemble-only`` needs no Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +46,33 @@ def test_serve_bench_smoke_writes_json(tmp_path):
     assert len(mem["one_replica"]) == 1 and len(mem["two_replicas"]) == 2 and mem["first_replica_kept"]
     assert mem["extra_replica"]["weights_private"] < 0.01 * mem["base_bytes"]  # shared, not copied
     assert "homogeneous" in proc.stdout and "batched / unbatched" in proc.stdout
+    assert res["ensemble4_over_single"] == res["ensemble_micro"]["batch"]["ensemble_over_single_cpu"] > 0
+
+
+def test_ensemble_only_merges_into_the_json_and_renders(tmp_path, capsys):
+    from bench import serve_bench
+
+    out = tmp_path / "serve_bench.json"
+    out.write_text(
+        json.dumps({"config": {"model": "earlier run"}, "scenarios": {"homogeneous": {"rps": 2.5}}})
+    )
+    threads = torch.get_num_threads()
+    assert serve_bench.main(["--ensemble-only", "--smoke", "--ensemble-rounds", "1", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the measurement's thread count does not leak
+    res = json.loads(out.read_text())
+    assert res["config"] == {"model": "earlier run"} and res["scenarios"]["homogeneous"]["rps"] == 2.5  # kept
+    m = res["ensemble_micro"]
+    assert m["members"] == 4 and m["prefix_rows_computed_per_ensemble_request"] == 1.0  # one prefix each
+    assert m["max_abs_member_vs_alone"] < 1e-4 and m["max_abs_shared_vs_full_rows"] < 1e-4
+    assert res["ensemble4_over_single"] == m["batch"]["ensemble_over_single_cpu"] > 0
+    assert m["positions_model"] == pytest.approx(
+        (m["positions_per_row"]["prefix"] + 4 * m["positions_per_row"]["suffix"])
+        / (m["positions_per_row"]["prefix"] + m["positions_per_row"]["suffix"])
+    )
+    doc = tmp_path / "doc.md"
+    begin, end = f"<!-- begin:{serve_bench.MARKER} -->", f"<!-- end:{serve_bench.MARKER} -->"
+    doc.write_text(f"intro\n{begin}\nstale\n{end}\noutro\n")
+    serve_bench.render_docs(res, doc)
+    text = doc.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert f"**{res['ensemble4_over_single']:.2f}x**" in text

@@ -202,7 +202,7 @@ def test_format_decimal_label():
 
 
 def test_pipeline_publishes_its_last_stage_to_the_registry(three_stages, tiny_llama):
-    from tagray.predict import Predictor
+    from tagray.serving import Predictor
     from tagray.registry import list_tagsets
 
     cfg, res = three_stages

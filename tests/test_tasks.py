@@ -8,8 +8,10 @@ import pytest
 
 from tagray.core.errors import ConfigError, InputError
 from tagray.tasks.dataset import build_task_data, prepare_row
-from tagray.tasks.labels import qed
+from tagray.tasks.labels import logp, qed
+from tagray.tasks.sources import moses
 from tagray.tasks.spec import builtin_tasks, load_task, parse_task
+from tagray.tasks.splits import assign, load_rows
 
 USER_TASK = {
     "name": "my_assay",
@@ -34,6 +36,10 @@ ROWS = [
             "C1CCCCC1",
             "CC(C)O",
             "CCS",
+            *(
+                "CCCC CCCCC CCCCO CCCN c1ccncc1 c1ccoc1 c1ccsc1 CC(C)C CC(C)(C)C CCOCC CC(=O)N CC(=O)OC OCCO NCCN".split()
+            ),
+            *("C1CCNCC1 C1CCOCC1 Cc1ccccc1 Oc1ccccc1 Nc1ccccc1 ClCCl".split()),
             "not-a-smiles",
         ]
     )
@@ -52,6 +58,8 @@ def test_every_builtin_task_loads_real_rows_with_fixed_splits():
         "translate",
         "tanimoto",
         "amp",
+        "qed_moses",
+        "logp_moses",
     } <= set(names)
     for n in ["qed", "descriptor", "lang_lm", "translate"]:
         td = build_task_data(load_task(n))
@@ -103,7 +111,7 @@ def test_user_task_over_local_files(tmp_path, fmt):
         "parquet": lambda: df.to_parquet(path),
     }[fmt]()
     td = build_task_data(parse_task({**USER_TASK, "source": {"path": str(path)}}))
-    assert sum(len(v) for v in td.splits.values()) == 10
+    assert sum(len(v) for v in td.splits.values()) == 30
     assert td.tags() == ["<SMILES>", "<Act>"]
 
 
@@ -120,7 +128,7 @@ def test_user_task_yaml_and_data_on_s3(s3_bucket, tmp_path):
     fs.pipe(f"{s3_bucket}/tasks/assay.yaml", yaml.safe_dump(task).encode())
     spec = load_task(f"s3://{s3_bucket}/tasks/assay.yaml")
     td = build_task_data(spec)
-    assert sum(len(v) for v in td.splits.values()) == 10
+    assert sum(len(v) for v in td.splits.values()) == 30
 
 
 @pytest.mark.parametrize(
@@ -157,3 +165,67 @@ def test_field_validators_reject_bad_inputs():
     with pytest.raises(InputError) as e:
         prepare_row(load_task("qed"), {"smi": "CCO"}, with_target=False)
     assert e.value.field == "smiles"
+
+
+def test_moses_source_samples_deterministically_in_bounded_memory():
+    import subprocess
+    import sys
+
+    # the 1.58 M-row train file, streamed in a fresh interpreter so its peak memory is its own
+    code = (
+        # VmHWM is this process image's own peak (ru_maxrss would carry pytest's over the exec)
+        "import re, time; t = time.process_time(); from tagray.tasks.sources import moses; "
+        "rows = moses(n=300, seed=7); "
+        "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024; "
+        "print(len(rows), hwm, time.process_time() - t)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    n, peak_mib, cpu_s = out.stdout.split()
+    assert int(n) == 300 and int(peak_mib) < 300 and float(cpu_s) < 60, out.stdout
+    a = moses(file="test", n=300, seed=7)  # 176 k rows: the same properties, quicker
+    assert len(a) == 300 and len({r["smiles"] for r in a}) == 300 and a[0]["moses_file"] == "test"
+    assert moses(file="test", n=300, seed=7) == a  # same rows, same order
+    bigger = {r["smiles"] for r in moses(file="test", n=1000, seed=7)}
+    assert {r["smiles"] for r in a} <= bigger  # bottom-k: a larger sample keeps the smaller one
+    assert {r["smiles"] for r in moses(file="test", n=300, seed=8)} != {r["smiles"] for r in a}
+    assert len(moses(file="test_scaffolds", n=20)) == 20
+    for params, field in [({"file": "valid"}, "source.file"), ({"n": 0}, "source.n")]:
+        with pytest.raises(ConfigError) as e:
+            moses(**params)
+        assert e.value.field == field
+
+
+def test_moses_tasks_train_on_real_data_sizes():
+    for name, fn in [("qed_moses", qed), ("logp_moses", logp)]:
+        spec = load_task(name)
+        sizes = {s: len(v) for s, v in assign(spec, load_rows(spec)).splits.items()}  # before labelling
+        assert sizes["train"] >= spec.limits["train"] >= 20000 and sizes["test"] >= spec.limits["test"]
+        small = load_task({"task": name, "limits": {"train": 20, "valid": 5, "test": 5}})
+        td = build_task_data(small)
+        r = td.splits["train"][0]
+        assert r["_target"][0] == pytest.approx(fn(r["smiles"]))
+        assert td.tags() == ["<SMILES>", spec.function_tag]
+
+
+def test_classification_positive_class_and_metrics():
+    spec = load_task("amp")
+    assert spec.target.positive == "AMP" and spec.target.positive_index == 0
+    assert (
+        load_task(
+            {"task": "amp", "target": {"kind": "classification", "column": "amp"}}
+        ).target.positive_index
+        == 1
+    )
+    assert parse_task({**USER_TASK, "source": {"path": "x.csv"}, "metrics": None}).metrics == (
+        "mse",
+        "mae",
+        "pearson",
+        "spearman",
+    )
+    cls = {**USER_TASK, "source": {"path": "x.csv"}, "target": {"kind": "classification", "column": "c"}}
+    assert parse_task(cls).metrics == ("accuracy", "roc_auc", "f1")
+    with pytest.raises(ConfigError) as e:
+        parse_task({**cls, "target": {**cls["target"], "classes": ["a", "b"], "positive": "c"}})
+    assert e.value.field.endswith("target.positive")

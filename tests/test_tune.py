@@ -1,4 +1,5 @@
-"""Ray Tune + Optuna search (issue #4): config parsing and errors (fast), and real searches on the tiny base.
+"""Tag-length x learning-rate search (issues #4, #12.2, #13): settings, plans, reports and Tuner wiring
+(fast), and real searches on the tiny base (slow).
 
 The slow tests share one search of 4 trials on real QED data: it is interrupted (SIGUSR1, Tune's Ctrl-C path)
 after 2 trials have finished, then resumed through the CLI. They check that ASHA stopped some trials, that
@@ -7,17 +8,22 @@ the finished trials were not re-run, and that the published best tag set and ens
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from tagray.core.errors import ConfigError
-from tagray.ray import tune as tt
+from tagray.search import plan, report
+from tagray.search import settings as st
 
 LIMITS = {"train": 32, "valid": 8, "test": 8}
 
@@ -39,14 +45,24 @@ def raw_config(tmp, base="/nonexistent-base", **tune) -> dict:
     }
 
 
+def two_stages(tmp, **single) -> dict:
+    """A domain stage, then the searched single stage (starting from the domain tags by default)."""
+    raw = raw_config(tmp)
+    raw["stages"] = [{"name": "domain", "tasks": [{"task": "smiles_lm", "limits": LIMITS}]}] + [
+        {**raw["stages"][0], **single}
+    ]
+    return raw
+
+
 # ---- fast: parsing and errors -----------------------------------------------------------------------
 
 
 def test_defaults_one_search_per_task(tmp_path):
-    cfg, ts = tt.parse_tune(raw_config(tmp_path))
+    cfg, ts = st.parse_tune(raw_config(tmp_path))
     assert ts.tag_length == [1, 2, 5, 10, 20] and ts.lr == [1e-4, 3e-2] and ts.metric == "val_loss"
     assert ts.asha == {"grace_period": 1, "reduction_factor": 2, "max_t": None}
-    searches = tt.plan_searches(cfg, ts)
+    assert ts.trial_resources == {"CPU": 0.1} and ts.concurrent_trials == ts.num_samples == 8
+    searches = plan.plan_searches(cfg, ts)
     assert [s.task for s in searches] == ["qed", "logp"]
     for s in searches:
         assert s.name.startswith(f"single-{s.task}-") and len(s.stage.tasks) == 1
@@ -54,10 +70,10 @@ def test_defaults_one_search_per_task(tmp_path):
 
 
 def test_task_subset_metric_placeholder_and_asha_budget(tmp_path):
-    cfg, ts = tt.parse_tune(
+    cfg, ts = st.parse_tune(
         raw_config(tmp_path, tasks=["logp"], metric="val/{task}/mse", lr=["1e-4", "1e-2"], asha={"max_t": 3})
     )
-    (s,) = tt.plan_searches(cfg, ts)
+    (s,) = plan.plan_searches(cfg, ts)
     assert s.task == "logp" and s.metric == "val/logp/mse"
     assert s.stage.train.select_metric == "val/logp/mse"  # the artifact keeps the best state by this metric
     assert s.stage.train.max_steps == 6 and s.evals == 3  # max_t evaluations of eval_every steps
@@ -66,9 +82,10 @@ def test_task_subset_metric_placeholder_and_asha_budget(tmp_path):
 
 def test_experiment_name_follows_the_search_settings(tmp_path):
     def name(**kw):
-        return tt.plan_searches(*tt.parse_tune(raw_config(tmp_path, tasks=["qed"], **kw)))[0].name
+        return plan.plan_searches(*st.parse_tune(raw_config(tmp_path, tasks=["qed"], **kw)))[0].name
 
-    assert name() == name(top_k=1, max_concurrent=1, registry="/x")  # do not change the trials: resume
+    # settings that do not change the trials keep the name: the search resumes
+    assert name() == name(top_k=1, max_concurrent=1, registry="/x", trial_resources={"CPU": 1, "D": 1})
     assert name() != name(num_samples=4) and name() != name(lr=[1e-3, 1e-2]) and name() != name(seed=1)
 
 
@@ -85,6 +102,7 @@ def test_experiment_name_follows_the_search_settings(tmp_path):
         ({"lr": [1e-3]}, "tune.lr"),
         ({"lr": "fast"}, "tune.lr"),
         ({"num_samples": 0}, "tune.num_samples"),
+        ({"max_concurrent": 0}, "tune.max_concurrent"),
         ({"mode": "best"}, "tune.mode"),
         ({"bogus": 1}, "tune.bogus"),
         ({"asha": {"grace": 1}}, "tune.asha.grace"),
@@ -93,11 +111,16 @@ def test_experiment_name_follows_the_search_settings(tmp_path):
         ({"multi_objective": True, "asha": {"grace_period": 1}}, "tune.asha"),
         ({"stage": "nope"}, "tune.stage"),
         ({"tasks": ["qed", "tanimoto"]}, "tune.tasks"),
+        ({"trial_resources": {}}, "tune.trial_resources"),
+        ({"trial_resources": [0.1]}, "tune.trial_resources"),
+        ({"trial_resources": {"CPU": 0}}, "tune.trial_resources"),  # Tune refuses an all-zero request
+        ({"trial_resources": {"CPU": -1}}, "tune.trial_resources.CPU"),
+        ({"trial_resources": {"TRAIN_DRIVER_RESOURCE": "x"}}, "tune.trial_resources.TRAIN_DRIVER_RESOURCE"),
     ],
 )
 def test_bad_settings_name_the_field(tmp_path, tune, field):
     with pytest.raises(ConfigError) as e:
-        tt.parse_tune(raw_config(tmp_path, **tune))
+        st.parse_tune(raw_config(tmp_path, **tune))
     assert e.value.field == field, e.value
 
 
@@ -110,27 +133,176 @@ def test_cli_reports_bad_lr_as_a_config_error(tmp_path, capsys):
     assert "error: tune.lr: expected 0 < low < high" in capsys.readouterr().err
 
 
-def test_concurrency_follows_cluster_resources(tmp_path, monkeypatch):
-    import dataclasses
+def test_trial_resources_accept_a_custom_driver_resource(tmp_path):
+    _, ts = st.parse_tune(raw_config(tmp_path, trial_resources={"cpu": 0, "TRAIN_DRIVER_RESOURCE": 1}))
+    assert ts.trial_resources == {"CPU": 0.0, "TRAIN_DRIVER_RESOURCE": 1.0}  # Tune's "cpu" spelled once
 
+
+def test_trial_demand_and_what_fits(tmp_path):
+    cfg, ts = st.parse_tune(raw_config(tmp_path))
+    stage = cfg.stages[0]
+    assert plan.trial_demand(stage, ts) == pytest.approx({"CPU": 1.0})  # 0.1 (driver) + 0.9 (worker)
+    assert plan.trials_that_fit({"CPU": 4.0}, plan.trial_demand(stage, ts)) == 4
+    gpu = dataclasses.replace(
+        stage, scaling=dataclasses.replace(stage.scaling, use_gpu=True, num_workers=2, gpus_per_worker=1.0)
+    )
+    _, custom = st.parse_tune(raw_config(tmp_path, trial_resources={"CPU": 0.1, "TRAIN_DRIVER_RESOURCE": 1}))
+    need = plan.trial_demand(gpu, custom)
+    assert need == pytest.approx({"CPU": 1.9, "GPU": 2.0, "TRAIN_DRIVER_RESOURCE": 1.0})
+    assert plan.trials_that_fit({"CPU": 8.0, "GPU": 0.0, "TRAIN_DRIVER_RESOURCE": 8.0}, need) == 0
+    assert plan.trials_that_fit({"CPU": 64.0, "GPU": 5.0, "TRAIN_DRIVER_RESOURCE": 2.0}, need) == 2
+
+
+def test_max_concurrent_comes_from_the_settings_not_the_cluster_size(tmp_path, monkeypatch, caplog):
+    """#12.2: GPU workers start at 0 on an autoscaling cluster; concurrency must not freeze at 1."""
     import ray
 
-    cfg, ts = tt.parse_tune(raw_config(tmp_path, num_samples=8))
-    st = cfg.stages[0]
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
-    assert tt.concurrency(st, ts) == 4  # 0.1 (trial) + 0.9 (worker) per trial
-    assert tt.concurrency(st, dataclasses.replace(ts, max_concurrent=2)) == 2
-    two = dataclasses.replace(st, scaling=dataclasses.replace(st.scaling, num_workers=2, cpus_per_worker=1.0))
-    assert tt.concurrency(two, ts) == 1
-    gpu = dataclasses.replace(st, scaling=dataclasses.replace(st.scaling, use_gpu=True, gpus_per_worker=1.0))
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 3.0})
-    assert tt.concurrency(gpu, ts) == 3
+    from tagray.ray import tune as tt
+
+    raw = raw_config(tmp_path, tasks=["qed"], trial_resources={"CPU": 0.1, "TRAIN_DRIVER_RESOURCE": 1})
+    raw["scaling"] = {"num_workers": 1, "use_gpu": True, "gpus_per_worker": 1.0, "cpus_per_worker": 1.0}
+    monkeypatch.setattr(
+        ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 0.0, "TRAIN_DRIVER_RESOURCE": 1.0}
+    )
+    for tune, want in (({}, 8), ({"max_concurrent": 3}, 3), ({"max_concurrent": 20}, 8)):
+        cfg, ts = st.parse_tune({**raw, "tune": {**raw["tune"], **tune}})
+        (s,) = plan.plan_searches(cfg, ts)
+        with caplog.at_level(logging.INFO, logger="tagray"):
+            tt._log_capacity(ts, s)  # what run_search logs before building a new Tuner
+        tuner = tt.new_tuner(cfg, ts, s)
+        # Ray 2.60 keeps the TuneConfig on the TunerInternal; nothing here starts Ray
+        assert tuner._local_tuner._tune_config.max_concurrent_trials == want
+        assert not ray.is_initialized()
+    assert "holds 0 of them now" in caplog.text and "wait for the autoscaler" in caplog.text
+    pgf = tt.trainable(cfg, ts, s)._resources  # each trial driver asks for the declared driver resource
+    assert pgf.required_resources == {"CPU": 0.1, "TRAIN_DRIVER_RESOURCE": 1.0}
+
+
+def test_asha_or_fifo_and_metric_given_once(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tagray.ray import tune as tt
+
+    cfg, ts = st.parse_tune(raw_config(tmp_path, tasks=["qed"]))
+    (s,) = plan.plan_searches(cfg, ts)
+    tc = tt.tune_config(cfg, ts, s)
+    assert isinstance(tc.scheduler, ASHAScheduler) and tc.scheduler._max_t == s.evals - 1
+    assert (tc.metric, tc.mode, tc.num_samples) == ("val_loss", "min", 8)
+    cfg, ts = st.parse_tune(raw_config(tmp_path, tasks=["qed"], multi_objective=True))
+    tc = tt.tune_config(cfg, ts, plan.plan_searches(cfg, ts)[0])
+    assert type(tc.scheduler) is FIFOScheduler and tc.metric is None  # the searcher holds both metrics
+
+
+def test_earlier_stages_to_run_first(tmp_path):
+    cfg, ts = st.parse_tune(two_stages(tmp_path))
+    first = plan.prerequisites(cfg, ts)
+    assert [s.name for s in first.stages] == ["domain"] and first.registry is None and first.name == cfg.name
+    s = plan.plan_searches(cfg, ts)[0]
+    assert s.init_from == os.path.abspath(f"{tmp_path}/runs/tt/domain")  # what tagray.pipeline resolves
+    # even with the artifact present the earlier stages are returned: run_pipeline skips finished ones
+    # (same config hash) and retrains stale ones, so a search never starts from outdated tags
+    os.makedirs(s.init_from)
+    open(f"{s.init_from}/tagset.json", "w").write("{}")
+    assert [x.name for x in plan.prerequisites(cfg, ts).stages] == ["domain"]
+    assert plan.prerequisites(*st.parse_tune(two_stages(tmp_path, init_from=None))) is None
+    cfg, ts = st.parse_tune(two_stages(tmp_path / "fresh", init_from="domain"))  # no artifact there
+    assert [x.name for x in plan.prerequisites(cfg, ts).stages] == ["domain"]
+    with pytest.raises(ConfigError) as e:
+        st.parse_tune(two_stages(tmp_path, init_from=str(tmp_path / "missing")))
+    assert e.value.field == "stages.single.init_from"
+
+
+def test_run_search_refuses_missing_earlier_stages_before_starting_ray(tmp_path, monkeypatch):
+    from tagray.ray import tune as tt
+
+    monkeypatch.setattr(tt, "ensure_ray", lambda *a: pytest.fail("started Ray"))
+    with pytest.raises(ConfigError) as e:
+        tt.run_search(*st.parse_tune(two_stages(tmp_path)))
+    assert e.value.field == "tune.stage" and "run stage(s) ['domain'] first" in e.value.message
+
+
+def _records() -> list[report.TrialRecord]:
+    """Three finished trials and one ASHA-stopped, shaped as the executor builds them from Tune results."""
+
+    def rec(n, p, lr, curve, final=None, error=False):
+        tid = f"ab12c_0000{n}"
+        hist = [{"val_loss": v, "trial_id": tid, report.DONE: math.nan} for v in curve]
+        if final is not None:
+            hist.append({"val_loss": final, "trial_id": tid, report.DONE: 1.0, "artifact": f"/a/{tid}"})
+        last = {k: v for k, v in hist[-1].items() if not (isinstance(v, float) and math.isnan(v))}
+        return report.TrialRecord(
+            f"_trial_{tid}_{n}_lr={lr},tag_length={p}_2026", {"tag_length": p, "lr": lr}, last, hist, error
+        )
+
+    return [
+        rec(2, 5, 2e-3, [0.9, 0.7], final=0.65),
+        rec(1, 1, 1e-2, [0.8, 0.6, 0.5], final=0.5),
+        rec(3, 10, 0.02, [12.5]),  # stopped by ASHA at its first rung
+        rec(4, 2, 1e-3, [0.7, 0.6], final=0.55),
+    ]
+
+
+def test_trial_rows_status_value_and_curves(tmp_path):
+    cfg, ts = st.parse_tune(raw_config(tmp_path, tasks=["qed"]))
+    (s,) = plan.plan_searches(cfg, ts)
+    rows = report.trial_rows(_records(), s, ts)
+    assert [r["number"] for r in rows] == [1, 2, 3, 4]
+    assert [r["status"] for r in rows] == ["completed", "completed", "stopped", "completed"]
+    assert [r["value"] for r in rows] == [0.5, 0.65, 12.5, 0.55]  # finished: the kept state's value
+    assert (
+        rows[0]["history"] == [0.8, 0.6, 0.5] and rows[0]["evals"] == 3
+    )  # the final report is no evaluation
+    assert rows[2]["artifact"] is None and rows[1]["artifact"] == "/a/ab12c_00002"
+
+
+def test_finish_writes_results_ranks_and_publishes(tmp_path, monkeypatch):
+    import csv
+
+    import optuna
+
+    from tagray.search import publish
+
+    published = []
+    monkeypatch.setattr(
+        publish, "publish_best", lambda c, t, s, done: published.append(done) or {"tagset": "x"}
+    )
+    cfg, ts = st.parse_tune(raw_config(tmp_path, tasks=["qed"]))
+    (s,) = plan.plan_searches(cfg, ts)
+    res = report.finish(cfg, ts, s, _records(), {"task": "qed", "metric": s.metric, "trials": 4})
+    assert (res["completed"], res["stopped_early"], res["errors"]) == (3, 1, 0)
+    assert res["ranked"] == ["ab12c_00001", "ab12c_00004", "ab12c_00002"] and res["best"]["value"] == 0.5
+    assert [r["trial"] for r in published[0]] == res["ranked"]
+    d = res["results"]
+    assert d == f"{tmp_path}/runs/tt/tune/results/{s.name}"
+    rows = list(csv.DictReader(open(f"{d}/trials.csv")))
+    assert [r["status"] for r in rows] == ["completed", "completed", "stopped", "completed"]
+    assert "history" not in rows[0]
+    assert json.load(open(f"{d}/summary.json"))["tagset"] == "x"
+    study = optuna.load_study(study_name=s.name, storage=f"sqlite:///{d}/study.db")
+    assert [t.state.name for t in study.trials].count("PRUNED") == 1 and study.best_value == 0.5
+    assert set(res["plots"]) == {"history", "importance"}
+    assert all(os.path.getsize(f"{d}/{f}") > 0 for f in res["plots"].values())
+    table = report.format_table({"qed": res, "logp": {"trials": 2, "interrupted": True}})
+    assert "qed" in table and "val_loss 0.5000" in table and "interrupted: re-run" in table
+    assert open(report.save_table(cfg, table)).read() == table + "\n"
+
+
+def test_search_package_is_ray_free_and_the_executor_imports_no_pipeline():
+    code = (
+        "import sys, tagray.search, tagray.search.report, tagray.search.publish\n"
+        "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'tagray.search imports ray'\n"
+        "import tagray.ray.tune\n"
+        "assert 'tagray.pipeline' not in sys.modules and 'tagray.cli' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_jobs_tune_yaml_parses():
-    cfg, ts = tt.load_tune("jobs/tune.yaml")
-    assert [s.task for s in tt.plan_searches(cfg, ts)] == ts.tasks
-    assert cfg.stage("single").scaling.cpus_per_worker + tt.TRIAL_CPU == pytest.approx(1.0)
+    cfg, ts = st.load_tune("jobs/tune.yaml")
+    assert [s.task for s in plan.plan_searches(cfg, ts)] == ts.tasks
+    # two trials at once on a 2-CPU machine: driver + worker = 1 CPU each
+    assert cfg.stage("single").scaling.cpus_per_worker + ts.trial_resources["CPU"] == pytest.approx(1.0)
+    assert ts.concurrent_trials == 2
 
 
 # ---- slow: real searches on the tiny base --------------------------------------------------------------
@@ -164,6 +336,7 @@ def _trial_dir(exp: str, tid: str) -> str:
 @pytest.fixture(scope="module")
 def search(ray_local, tiny_base_dir, tmp_path_factory):
     from tagray.cli import main
+    from tagray.ray import tune as tt
 
     tmp = tmp_path_factory.mktemp("tune")
     # seed 0 draws lr 0.038, 0.013, 0.21, 0.13 from this range: trials 3 and 4 diverge at their first evaluation
@@ -181,9 +354,9 @@ def search(ray_local, tiny_base_dir, tmp_path_factory):
     )
     path = tmp / "tune.yaml"
     path.write_text(yaml.safe_dump(raw))
-    cfg, ts = tt.load_tune(str(path))
+    cfg, ts = st.load_tune(str(path))
     marker = str(tmp / "interrupted.json")
-    first = tt.run_tune(cfg, ts, callbacks=[InterruptAfter(2, marker)])["qed"]
+    first = tt.run_search(cfg, ts, callbacks=[InterruptAfter(2, marker)])["qed"]
     finished = json.load(open(marker))
     exp = first["experiment"]
     before = {t: open(f"{_trial_dir(exp, t)}/result.json").read() for t in finished}
@@ -239,7 +412,7 @@ def test_asha_stops_some_trials_early(search):
         open(f"{search['tmp']}/runs/tt/tune/_asha/{os.path.basename(final['experiment'])}.json")
     )
     assert len(rungs["1"]) == 4  # every trial's first evaluation, from both runs, is on record
-    full = tt.plan_searches(search["cfg"], search["ts"])[0].evals
+    full = plan.plan_searches(search["cfg"], search["ts"])[0].evals
     for r in rows:
         if r["status"] == "stopped":
             assert int(r["evals"]) < full and not r["artifact"]
@@ -271,7 +444,7 @@ def test_outputs_table_plots_and_study(search):
 def test_published_best_tags_and_ensemble_predict(search, tiny_base_dir):
     from tagray.core.artifacts import load_tagset
     from tagray.core.base import load_base
-    from tagray.predict import Predictor
+    from tagray.serving import Predictor
 
     final = search["final"]
     reg = final["registry"]
@@ -305,9 +478,11 @@ def test_multi_objective_search_reports_a_pareto_front(ray_local, tiny_base_dir,
         multi_objective=True,
         tag_length=[1, 5],
     )
+    from tagray.ray import tune as tt
+
     raw["train"]["max_steps"] = 4
-    res = tt.run_tune(*tt.parse_tune(raw))["qed"]
+    res = tt.run_search(*st.parse_tune(raw))["qed"]
     assert res["completed"] == 2 and res["stopped_early"] == 0  # FIFO: ASHA needs a scalar
     assert res["pareto"] and set(res["pareto"]) <= {r for r in res["ranked"]}
     assert os.path.exists(f"{res['results']}/pareto.png")
-    assert "Pareto front" in tt.format_table({"qed": res})
+    assert "Pareto front" in report.format_table({"qed": res})

@@ -7,6 +7,7 @@ different base raises :class:`FingerprintMismatch`. Paths may be local or ``s3:/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -147,15 +148,37 @@ def load_tagset(path: str, expect_base: dict | None = None) -> TagSet:
     return ts
 
 
+def _digest(t: torch.Tensor) -> str:
+    a = t.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.blake2b(a.numpy().tobytes(), digest_size=16).hexdigest()
+
+
 def merge_tagsets(sets: dict[str, TagSet]) -> TagSet:
-    """Namespace several tag sets into one (``"set/<Tag>"``) so one bank serves them all in one batch."""
+    """Namespace several tag sets into one (``"set/<Tag>"``) so one bank serves them all in one batch.
+
+    Tags of the same kind with identical values are stored once, under the first name seen, e.g. the
+    stage-1 domain tags that every trial of a search inherited: rows of ensemble members that differ
+    only in their function tag then hold the same tag rows before it, which is what lets
+    :class:`~tagray.core.model.TagLLM` compute their shared prefix once. ``meta["aliases"]`` maps every
+    ``"set/<Tag>"`` to the entry that holds its values (itself when it was not merged). Heads are
+    namespaced, never merged.
+    """
     first = next(iter(sets.values()))
-    out = TagSet({}, {}, {}, {}, first.base)
+    out = TagSet({}, {}, {}, {}, first.base, meta={"aliases": {}})
+    # (kind, shape, digest of the values) -> entry name; the kind is part of the key so that a function
+    # tag keeps an entry of its own (serving packs function tags apart, see tagray.serving.predictor)
+    seen: dict[tuple, str] = {}
     for ns, ts in sets.items():
         ts.check_base(first.base, where=ns)
         for n, t in ts.tags.items():
-            out.tags[f"{ns}/{n}"] = t
-            out.tag_info[f"{ns}/{n}"] = ts.tag_info[n]
+            name = f"{ns}/{n}"
+            key = (ts.tag_info[n].get("kind", "domain"), tuple(t.shape), _digest(t))
+            entry = seen.get(key)
+            if entry is None or not torch.equal(out.tags[entry].float(), t.float()):  # a digest collision
+                seen[key] = entry = name
+                out.tags[name] = t
+                out.tag_info[name] = ts.tag_info[n]
+            out.meta["aliases"][name] = entry
         for n, t in ts.heads.items():
             out.heads[f"{ns}/{n}"] = t
             out.head_specs[f"{ns}/{n}"] = ts.head_specs[n]

@@ -77,8 +77,9 @@ class BucketBatchSampler:
     """Yields lists of indices whose rows have similar lengths.
 
     Shuffles, cuts the order into windows of ``bucket_factor * batch_size`` rows, sorts each window by
-    length and cuts it into batches, then shuffles the batches. ``num_replicas``/``rank`` shard batches
-    for data parallelism (every rank gets the same number of batches, as DDP needs).
+    length and cuts it into batches, then shuffles the batches. With ``groups`` (one id per row, e.g. the
+    task), every batch holds rows of one group and the groups' batches interleave. ``num_replicas``/``rank``
+    shard batches for data parallelism (every rank gets the same number of batches, as DDP needs).
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class BucketBatchSampler:
         num_replicas: int = 1,
         rank: int = 0,
         bucketing: bool = True,
+        groups: Sequence[int] | None = None,
     ):
         self.lengths = list(lengths)
         self.batch_size = batch_size
@@ -103,16 +105,13 @@ class BucketBatchSampler:
         self.num_replicas = num_replicas
         self.rank = rank
         self.bucketing = bucketing
+        self.groups = list(groups) if groups is not None else [0] * len(self.lengths)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            rng.shuffle(order)
+    def _group_batches(self, order: list[int]) -> list[list[int]]:
         batches = []
         window = self.batch_size * (self.bucket_factor if self.bucketing else 1)
         for w in range(0, len(order), window):
@@ -122,7 +121,17 @@ class BucketBatchSampler:
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        if self.shuffle and self.bucketing:
+        return batches
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        batches = []
+        for g in sorted(set(self.groups)):
+            batches += self._group_batches([i for i in order if self.groups[i] == g])
+        if self.shuffle and (self.bucketing or len(set(self.groups)) > 1):
             rng.shuffle(batches)
         per_rank = math.ceil(len(batches) / self.num_replicas) if batches else 0
         batches += batches[: per_rank * self.num_replicas - len(batches)]  # pad so all ranks step equally

@@ -116,7 +116,11 @@ class HeadBank(PackedTable):
         return hidden @ w.T - (w * self.feat_mu.to(hidden.dtype)).sum(1) + t[:, -1]
 
     def read(
-        self, hidden: torch.Tensor, head_idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        head_idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        center: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Point predictions and losses of rows that each read their own head.
 
@@ -124,23 +128,39 @@ class HeadBank(PackedTable):
             hidden: ``(N, d)`` features under each row's function tag.
             head_idx: ``(N,)`` index into :attr:`names` per row.
             targets: ``(N, k)`` targets in their units (class index for classification), or None.
+            center: read features centred on their mean over this call's rows of the same head instead of
+                the stored mean (BatchNorm's training mode). Why: moving a tag shifts the features of every
+                input by almost the same vector, and a head with a fixed centre reads that shift as a bias
+                error so large that it dominates the loss's curvature (docs/training.md, line search).
+                Centred on the batch, the loss and its gradients ignore common shifts and follow what
+                distinguishes inputs; the stored centre is re-measured before every evaluation.
 
         Returns:
-            ``preds (N, k)`` in target units (NaN-padded past a head's width) and ``loss (N,)`` or None.
+            ``preds (N, k)`` in target units (NaN-padded past a head's width), ``loss (N,)`` or None, and
+            ``probs (N, C)``: class probabilities of classification rows (NaN elsewhere and past a head's
+            classes), or None when no head classifies.
         """
         out = self(hidden.float())  # (N, R)
         k = max((s.out_dim if s.kind == "regression" else 1) for s in self.specs.values())
         preds = out.new_full((len(hidden), k), float("nan"))
         loss = out.new_zeros(len(hidden)) if targets is not None else None
+        C = max((s.out_dim for s in self.specs.values() if s.kind == "classification"), default=0)
+        probs = out.new_full((len(hidden), C), float("nan")) if C else None
+        bias = self.table()[:, -1]
         for hi in head_idx.unique().tolist():
             name = self.names[hi]
             spec, m = self.specs[name], head_idx == hi
             raw = out[m][:, self.cols(name)]
+            if center:  # W (h - mean_batch h) / sd + b: linear head, so centre its outputs
+                raw = raw - raw.mean(0, keepdim=True) + bias[self.cols(name)].to(raw.dtype)
             p = spec.point(raw).detach()
             preds[m] = torch.cat([p, p.new_full((len(p), k - p.shape[1]), float("nan"))], 1)
+            if spec.kind == "classification":
+                q = spec.decode(raw).detach()
+                probs[m] = torch.cat([q, q.new_full((len(q), C - q.shape[1]), float("nan"))], 1)
             if targets is not None:
                 loss = loss.masked_scatter(m, spec.loss(raw, targets[m]))
-        return preds, loss
+        return preds, loss, probs
 
     @torch.no_grad()
     def track_mean(self, h: torch.Tensor, head_idx: torch.Tensor, momentum: float) -> None:

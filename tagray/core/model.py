@@ -28,6 +28,7 @@ class Output:
     row_loss: torch.Tensor  # (B,) loss of each row (0 for rows without a target)
     preds: torch.Tensor | None  # (B, k) head outputs in target units (NaN where a row has no head)
     n_tokens: int  # LM target tokens in the batch
+    probs: torch.Tensor | None = None  # (B, C) class probabilities of classification rows (NaN elsewhere)
 
 
 def isolated_span_mask(span: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -75,6 +76,8 @@ class TagLLM(nn.Module):
         isolate_spans: apply :func:`isolated_span_mask` (domain spans do not see the prompt before them).
         lm_chunk: rows per chunk of the chunked LM loss.
         track_momentum: momentum of the heads' running feature mean in training (0: fixed statistics).
+        center_heads: in training, heads read features centred on their batch mean (see
+            :meth:`HeadBank.read`); the stored centre is used in evaluation.
         prefix: ``auto`` splits batches at the first trainable position when that saves work (exact),
             ``off`` always runs the full forward.
         prefix_store: where prefix keys/values are kept between calls (None: recomputed, without grad).
@@ -89,6 +92,7 @@ class TagLLM(nn.Module):
         isolate_spans: bool = False,
         lm_chunk: int = 1024,
         track_momentum: float = 0.0,
+        center_heads: bool = False,
         prefix: str = "auto",
         prefix_store: PrefixStore | None = None,
     ):
@@ -99,6 +103,7 @@ class TagLLM(nn.Module):
         self.isolate_spans = isolate_spans
         self.lm_chunk = lm_chunk
         self.track_momentum = track_momentum  # >0: heads track their feature mean while training
+        self.center_heads = center_heads
         self.prefix = prefix if supports_prefix(base) else "off"
         self.prefix_store = prefix_store
         self.last_split: dict = {}  # what the last forward did (tokens in prefix / suffix, cache hits)
@@ -230,7 +235,7 @@ class TagLLM(nn.Module):
         B = hidden.shape[0]
         row_loss = hidden.new_zeros(B, dtype=torch.float32)
         has_loss = torch.zeros(B, dtype=torch.bool, device=hidden.device)
-        preds = None
+        preds = probs = None
         n_tokens = 0
 
         sel = next_labels != IGNORE  # (B, S)
@@ -252,9 +257,15 @@ class TagLLM(nn.Module):
                 self.heads.track_mean(h.detach(), head_idx[rows], self.track_momentum)
             if len(rows):
                 targets = batch.get("targets")
-                p, loss = self.heads.read(h, head_idx[rows], targets[rows] if targets is not None else None)
+                tg = targets[rows] if targets is not None else None
+                p, loss, q = self.heads.read(
+                    h, head_idx[rows], tg, center=self.training and self.center_heads
+                )
                 preds = hidden.new_full((B, p.shape[1]), float("nan"), dtype=torch.float32)
                 preds[rows] = p
+                if q is not None:
+                    probs = hidden.new_full((B, q.shape[1]), float("nan"), dtype=torch.float32)
+                    probs[rows] = q
                 if loss is not None:
                     row_loss = row_loss.index_put((rows,), loss, accumulate=True)
                     has_loss[rows] = True
@@ -262,7 +273,7 @@ class TagLLM(nn.Module):
         if loss is not None and self.training:
             # zero-valued term so every trainable table is part of the graph on every step (DDP needs it)
             loss = loss + sum(p.sum() for p in self.trainable_parameters()) * 0.0
-        return Output(loss, row_loss.detach(), preds, n_tokens)
+        return Output(loss, row_loss.detach(), preds, n_tokens, probs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         ps = [self.tags.trainable]

@@ -1,38 +1,32 @@
 """Rows of a task: load the source, compute derived labels, validate fields, split deterministically.
 
-Splits are fixed by hashing each row's split key (e.g. the SMILES, or the English message id shared by
-every language), so they never depend on row order, process or machine, and a test sentence stays in
-the test split in every task that uses it.
+The split itself lives in :mod:`tagray.tasks.splits`. The default hashes each row's split key (e.g. the
+SMILES, or the English message id shared by every language), so splits never depend on row order,
+process or machine, and a test sentence stays in the test split in every task that uses it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..core.errors import ConfigError, InputError
 from ..core.template import template_tags
 from .labels import compute
-from .sources import load_source
 from .spec import TaskSpec
+from .splits import SPLITS, assign, check_nonempty, load_rows
 from .validators import validate
 
 log = logging.getLogger("tagray")
-SPLITS = ("train", "valid", "test")
-
-
-def _u(key: str, salt: str = "tagray-split-v1") -> float:
-    h = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64
 
 
 @dataclass
 class TaskData:
     spec: TaskSpec
     splits: dict[str, list[dict]]  # split -> rows (validated fields + "_target")
-    dropped: int  # rows dropped for invalid fields or labels
+    dropped: int  # rows dropped for invalid fields or labels (or, in a scaffold split, unparsable SMILES)
+    split_info: dict = field(default_factory=dict)  # kind of split; scaffold counts; inputs also in train
 
     def tags(self) -> list[str]:
         """Every tag name the rows use (dynamic tags resolved), in first-seen order."""
@@ -122,7 +116,7 @@ def build_task_data(spec: TaskSpec) -> TaskData:
 
 
 def _build(spec: TaskSpec) -> TaskData:
-    rows = load_source(spec.source)
+    rows = load_rows(spec)
     if not rows:
         raise ConfigError(f"task {spec.name}.source", "no rows")
     for col, allowed in spec.filter.items():
@@ -130,6 +124,8 @@ def _build(spec: TaskSpec) -> TaskData:
             raise ConfigError(f"task {spec.name}.filter.{col}", f"no such column; columns: {sorted(rows[0])}")
         allowed = set(allowed if isinstance(allowed, list) else [allowed])
         rows = [r for r in rows if r.get(col) in allowed]
+        if not rows:
+            raise ConfigError(f"task {spec.name}.filter.{col}", f"no row has a value in {sorted(allowed)}")
     needed = set(spec.input_fields) | ({spec.target.field} - {None}) | set(spec.target.columns)
     needed |= {spec.target.column} - {None}
     needed -= set(spec.derive)
@@ -139,31 +135,14 @@ def _build(spec: TaskSpec) -> TaskData:
             f"task {spec.name}.columns", f"column {missing[0]!r} not in the data; columns: {sorted(rows[0])}"
         )
     spec = _classes(spec, rows)
-    key_col = spec.split.get("key") or (spec.input_fields[0] if spec.input_fields else None)
-    # assign splits and a fixed order from the raw key alone, then validate and label rows in that order
+    # assign splits and a fixed order from the raw rows alone, then validate and label rows in that order
     # only until each split's limit is reached (labels such as QED are the expensive part)
-    splits: dict[str, list[tuple[float, dict]]] = {s: [] for s in SPLITS}
-    seen = set()
-    for r in rows:
-        dedup = json.dumps({f: r.get(f) for f in spec.input_fields + [spec.target.field or ""]}, default=str)
-        if dedup in seen:
-            continue
-        seen.add(dedup)
-        k = str(r.get(key_col)) if key_col else dedup
-        u = _u(k)
-        name = (
-            "test"
-            if u < spec.split["test"]
-            else "valid"
-            if u < spec.split["test"] + spec.split["valid"]
-            else "train"
-        )
-        splits[name].append((_u(k, "tagray-order-v1") + _u(dedup, "row") * 1e-9, r))
-    out, dropped = {}, 0
+    assigned = assign(spec, rows)
+    out, dropped = {}, assigned.dropped
     for s in SPLITS:
         limit = spec.limits.get(s)
         kept = []
-        for _, r in sorted(splits[s], key=lambda x: x[0]):
+        for r in assigned.splits[s]:
             if limit and len(kept) >= limit:
                 break
             try:
@@ -173,9 +152,8 @@ def _build(spec: TaskSpec) -> TaskData:
         out[s] = kept
     if dropped:
         log.info("task %s: dropped %d rows with invalid fields or labels", spec.name, dropped)
-    if not out["train"]:
-        raise ConfigError(f"task {spec.name}", "no training rows after validation")
-    return TaskData(spec, out, dropped)
+    check_nonempty(spec, out)
+    return TaskData(spec, out, dropped, assigned.info)
 
 
 def tag_kinds(spec: TaskSpec, tags: list[str]) -> dict[str, str]:

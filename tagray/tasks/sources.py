@@ -6,11 +6,15 @@ Every builtin source returns a list of plain dict rows and reads files only (no 
 - ``modlamp_peptides``: 5,200 peptides (AMP vs UniProt) shipped with modlamp, with their class.
 - ``django_text``: monolingual UI strings per language from Django's translation catalogs.
 - ``django_pairs``: human translations between languages, joined on Django's English message ids.
+- ``moses``: the MOSES benchmark's molecules (``molsets``: 1.58 M train, 176 k test SMILES), sampled.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
+import hashlib
+import heapq
 import importlib.util
 import os
 import random
@@ -88,6 +92,54 @@ def modlamp_peptides() -> list[dict]:
             if seq:
                 rows.append({"seq": seq.strip().upper(), "amp": "AMP" if label.strip() == "1" else "UniProt"})
     return rows
+
+
+MOSES_FILES = ("train", "test", "test_scaffolds")
+
+
+@source("moses")
+def moses(file: str = "train", n: int | None = 20000, seed: int = 0) -> list[dict]:
+    """``n`` SMILES of a MOSES file (``molsets``), the same ones on every machine for a given ``seed``.
+
+    The gzip file is streamed and the ``n`` rows with the smallest ``blake2b(seed, SMILES)`` are kept
+    (bottom-k hash sampling): memory stays O(n), the sample does not depend on the file's order, and a
+    larger ``n`` keeps every row of a smaller one. ``n: null`` reads the whole file.
+    """
+    if file not in MOSES_FILES:
+        raise ConfigError("source.file", f"unknown MOSES file {file!r}; use one of {list(MOSES_FILES)}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError("source.n", f"must be a positive integer or null (all rows), got {n!r}")
+    path = os.path.join(package_dir("moses"), "dataset", "data", f"{file}.csv.gz")
+    if not os.path.exists(path):
+        raise ConfigError(
+            "source", f"{path} is missing; reinstall molsets==0.3.1 (see requirements-data.txt)"
+        )
+    return [dict(r) for r in _moses_sample(path, n, seed)]
+
+
+@cache
+def _moses_sample(path: str, n: int | None, seed: int) -> tuple[dict, ...]:
+    salt = f"tagray-moses-{seed}:".encode()
+    heap: list[tuple[int, str]] = []  # max-heap of the n smallest hashes, as negated values
+    with gzip.open(path, "rt") as f:
+        header = f.readline().strip()
+        if header != "SMILES":
+            raise ConfigError("source", f"{path}: expected a SMILES header, got {header[:40]!r}")
+        for line in f:
+            smi = line.strip()
+            if not smi:
+                continue
+            h = -int.from_bytes(hashlib.blake2b(salt + smi.encode(), digest_size=8).digest(), "big")
+            if n is None:
+                heap.append((h, smi))
+            elif len(heap) < n:
+                heapq.heappush(heap, (h, smi))
+            elif h > heap[0][0]:
+                heapq.heapreplace(heap, (h, smi))
+    return tuple(
+        {"smiles": smi, "moses_file": os.path.basename(path).removesuffix(".csv.gz")}
+        for _, smi in sorted(heap, reverse=True)
+    )
 
 
 @cache

@@ -9,9 +9,9 @@ places domain and function tags, and what the target is::
     fields: {smiles: {type: smiles}}          # smiles | protein | text; tokenize: chars
     template: "The SMILES of the molecule is <SMILES> {smiles}. The QED is <QED>"
     function_tag: <QED>
-    target: {kind: regression, columns: [qed]}   # or classification {column, classes} or lm {field}
-    metrics: [mse, mae, pearson, spearman]
-    split: {key: smiles, valid: 0.1, test: 0.1}
+    target: {kind: regression, columns: [qed]}   # or classification {column, classes, positive} or lm {field}
+    metrics: [mse, mae, pearson, spearman]       # classification: accuracy, roc_auc, f1
+    split: {key: smiles, valid: 0.1, test: 0.1}  # or {column: c}, {files: {...}}, {scaffold: smiles} (splits.py)
     limits: {train: 2000, valid: 200, test: 500}
 
 Builtin tasks live in ``tagray/tasks/builtin/*.yaml``; users pass a path to their own YAML.
@@ -28,12 +28,13 @@ import yaml
 
 from ..core.errors import ConfigError
 from ..core.template import parse_template, template_fields
+from .splits import parse_split, split_kind
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 TARGET_KINDS = ("regression", "classification", "lm")
 METRICS = {
     "regression": ("mse", "mae", "pearson", "spearman"),
-    "classification": ("accuracy",),
+    "classification": ("accuracy", "roc_auc", "f1"),
     "lm": ("loss", "perplexity", "bleu"),
 }
 KEYS = {
@@ -62,6 +63,12 @@ class Target:
     classes: tuple[str, ...] = ()
     field: str | None = None  # lm: field whose tokens are predicted
     eos: bool = False
+    positive: str | None = None  # classification: the class F1 / ROC-AUC score (binary); None: classes[1]
+
+    @property
+    def positive_index(self) -> int:
+        """Index of the positive class of a binary task (``classes[1]`` unless ``positive`` names one)."""
+        return self.classes.index(self.positive) if self.positive in self.classes else 1
 
 
 @dataclass(frozen=True)
@@ -121,13 +128,15 @@ def parse_task(d: dict, where: str = "task") -> TaskSpec:
     if kind not in TARGET_KINDS:
         raise ConfigError(f"{where}.target.kind", f"got {kind!r}; use one of {TARGET_KINDS}")
     cols = t.get("columns") or ([t["column"]] if kind == "regression" and "column" in t else [])
+    classes = tuple(str(c) for c in t.get("classes", ()))
     target = Target(
         kind,
         tuple(cols),
         t.get("column"),
-        tuple(str(c) for c in t.get("classes", ())),
+        classes,
         t.get("field"),
         bool(t.get("eos", False)),
+        _positive(t, classes, where) if kind == "classification" else None,
     )
     fields_in_template = template_fields(template)
     if kind == "regression" and not target.columns:
@@ -154,15 +163,11 @@ def parse_task(d: dict, where: str = "task") -> TaskSpec:
     for f, s in fields.items():
         if not isinstance(s, dict):
             raise ConfigError(f"{where}.fields.{f}", "expected a mapping like {type: smiles}")
-    source = _need(d, "source", where)
-    if not isinstance(source, dict) or not ({"name", "path"} & set(source)):
-        raise ConfigError(f"{where}.source", "give {name: <builtin source>} or {path: <csv/jsonl/parquet>}")
+    split = parse_split(d.get("split"), f"{where}.split")
+    source = _source(d, split, where)
     ml = d.get("max_length", 256)
     if not isinstance(ml, int) or ml < 8:
         raise ConfigError(f"{where}.max_length", "must be an integer >= 8")
-    split = {"valid": 0.1, "test": 0.1, **(d.get("split") or {})}
-    if not (0 <= split["valid"] < 1 and 0 <= split["test"] < 1 and split["valid"] + split["test"] < 1):
-        raise ConfigError(f"{where}.split", "valid and test fractions must be in [0, 1) and sum below 1")
     return TaskSpec(
         name=name,
         template=template,
@@ -179,6 +184,28 @@ def parse_task(d: dict, where: str = "task") -> TaskSpec:
         filter=d.get("filter") or {},
         raw=copy.deepcopy(d),
     )
+
+
+def _source(d: dict, split: dict, where: str) -> dict:
+    """The task's source; optional (and then empty) when ``split.files`` names the data instead."""
+    if split_kind(split) == "files":
+        if d.get("source"):
+            raise ConfigError(f"{where}.source", "give either source or split.files, not both")
+        return {}
+    source = _need(d, "source", where)
+    if not isinstance(source, dict) or not ({"name", "path"} & set(source)):
+        raise ConfigError(f"{where}.source", "give {name: <builtin source>} or {path: <csv/jsonl/parquet>}")
+    return source
+
+
+def _positive(t: dict, classes: tuple[str, ...], where: str) -> str | None:
+    """The positive class of a binary task (F1 and ROC-AUC score it); default: the second class."""
+    pos = t.get("positive")
+    if pos is None:
+        return None
+    if classes and str(pos) not in classes:
+        raise ConfigError(f"{where}.target.positive", f"{pos!r} is not one of the classes {list(classes)}")
+    return str(pos)
 
 
 def builtin_tasks() -> list[str]:

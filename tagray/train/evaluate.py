@@ -15,7 +15,7 @@ import torch
 
 from ..core.data import collate, to_device
 from ..core.generate import greedy_generate
-from ..core.metrics import accuracy, bleu, lm_metrics, regression_metrics
+from ..core.metrics import bleu, classification_metrics, lm_metrics, regression_metrics
 from ..tasks.dataset import TaskData
 from ..tasks.spec import TaskSpec
 from .batches import encode_rows, encoder_for, make_batch, sorted_batches
@@ -25,7 +25,7 @@ from .setup import Setup
 def _score(setup: Setup, exs, rt, device, batch_size: int, autocast) -> dict:
     """Per-row loss, LM token counts and predictions of ``exs``, gathered from every rank."""
     model = setup.model
-    mine = {"i": [], "loss": [], "ntok": [], "pred": [], "y": []}
+    mine = {"i": [], "loss": [], "ntok": [], "pred": [], "y": [], "probs": []}
     for idx in sorted_batches(exs, batch_size, rt.rank, rt.world_size):
         batch = to_device(make_batch([exs[i] for i in idx], setup.head_names(), setup.pad_id), device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
@@ -36,6 +36,8 @@ def _score(setup: Setup, exs, rt, device, batch_size: int, autocast) -> dict:
         if out.preds is not None:
             mine["pred"] += out.preds[:, :1].cpu().tolist()
             mine["y"] += batch["targets"][:, :1].cpu().tolist()
+        if out.probs is not None:
+            mine["probs"] += out.probs.cpu().tolist()
     merged = {k: [] for k in mine}
     for part in rt.all_gather(mine):
         for k in merged:
@@ -72,7 +74,9 @@ def evaluate(
             m.update(regression_metrics(p, y))
             m["baseline_mse"] = float(((y - model.heads.specs[td.spec.head_tag].mean[0]) ** 2).mean())
         elif kind == "classification":
-            m.update(accuracy(torch.tensor(r["pred"])[:, 0], torch.tensor(r["y"])[:, 0]))
+            y = torch.tensor(r["y"])[:, 0]
+            probs = torch.tensor(r["probs"])[:, : len(td.spec.target.classes)]
+            m.update(classification_metrics(probs, y, positive=td.spec.target.positive_index))
         else:
             tot = sum(lo * n for lo, n in zip(r["loss"], r["ntok"], strict=True))
             m.update(lm_metrics(tot, sum(r["ntok"])))

@@ -16,11 +16,12 @@ from ..core.errors import ConfigError
 from .batches import Example, make_batch
 from .checkpoint import BestSnapshot, LoopState, save_checkpoint
 from .evaluate import evaluate
-from .setup import Setup
+from .setup import Setup, refresh_heads
 
 
 def make_optimizer(setup: Setup):
-    """AdamW with one group for the tag table and one for the head table; returns (optimizer, params)."""
+    """AdamW (or SGD on normalised gradients, ``optimizer: ngd``) with one group for the tag table and
+    one for the head table; returns (optimizer, params)."""
     cfg, model = setup.cfg, setup.model
     params = model.trainable_parameters()
     if not params:
@@ -28,6 +29,8 @@ def make_optimizer(setup: Setup):
     groups = [{"params": [model.tags.trainable], "lr": cfg.lr}] if model.tags.trainable.requires_grad else []
     if model.heads is not None and model.heads.trainable.requires_grad:
         groups.append({"params": [model.heads.trainable], "lr": cfg.head_lr or cfg.lr})
+    if cfg.optimizer == "ngd":
+        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), params
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), params
 
 
@@ -47,6 +50,19 @@ def total_steps(cfg, n_rows: int, world: int) -> int:
     if cfg.epochs is None:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * n_rows / (cfg.batch_size * cfg.grad_accum * world)))
+
+
+def _normalise_per_entry(setup: Setup) -> None:
+    """Scale each trainable entry's gradient (a tag's ``p`` rows, a head's rows) to unit RMS, so every tag
+    of a mixed-task step moves by ``lr`` whatever its tasks' loss scales (one table holds them all)."""
+    for bank in (setup.model.tags, setup.model.heads):
+        if bank is None or bank.trainable.grad is None:
+            continue
+        g, off = bank.trainable.grad, bank.first_trainable_row
+        for s in bank.slots.values():
+            if s.trainable:
+                block = g[s.start - off : s.start - off + s.rows]
+                block /= block.pow(2).mean().sqrt().clamp_min(1e-20)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -81,6 +97,7 @@ class Trainer:
             num_replicas=rt.world_size,
             rank=rt.rank,
             bucketing=cfg.bucketing,
+            groups=[e.task for e in train] if cfg.task_batches else None,
         )
         self.state = LoopState()
         self.best = BestSnapshot(setup.groups)
@@ -102,6 +119,7 @@ class Trainer:
             "lr": self.sched.get_last_lr()[0],
         }
         t = time.time()
+        refresh_heads(setup, self.rt, self.device)  # heads for the current tags
         val = evaluate(
             setup, setup.tasks, "valid", self.rt, self.device, limit=cfg.eval_rows, autocast=self.autocast
         )
@@ -158,7 +176,10 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         cfg, st = self.setup.cfg, self.state
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if cfg.optimizer == "ngd":  # each tag / head moves by lr (RMS per coordinate) along its gradient
+            _normalise_per_entry(self.setup)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -189,7 +210,9 @@ class Trainer:
                     continue
                 self._optimizer_step()
                 if st.step % cfg.eval_every == 0 or st.step == self.total:
-                    self.validate()
+                    self.validate()  # (re-fits the heads first)
+                elif cfg.head_mode == "refit":
+                    refresh_heads(self.setup, self.rt, self.device)
                 if st.step >= self.total:
                     return
             st.epoch += 1

@@ -159,10 +159,13 @@ def build_setup(job: StageJob, base: Base | None = None, device: torch.device | 
     """Load base, previous tags and task data; create the banks and start the heads. Pure torch."""
     cfg = job.stage.train
     device = device or torch.device("cpu")
-    base = base or load_base(job.base, dtype=resolve_dtype(job.dtype, device.type == "cuda"))
-    prev = load_tagset(job.init_from, expect_base=base.fingerprint) if job.init_from else None
+    # data and tag-set errors first: a typo must not wait for the base to load
     tasks = [build_task_data(load_task(t) if not isinstance(t, TaskSpec) else t) for t in job.stage.tasks]
     eval_tasks = [build_task_data(load_task(t)) for t in job.stage.eval_tasks]
+    prev = load_tagset(job.init_from) if job.init_from else None
+    base = base or load_base(job.base, dtype=resolve_dtype(job.dtype, device.type == "cuda"))
+    if prev is not None:
+        prev.check_base(base.fingerprint, where=str(job.init_from))
     known = dict(prev.tag_info) if prev else {}
     used, train_tags = _select_tags(job, tasks, eval_tasks, known)
 
@@ -202,7 +205,8 @@ def build_setup(job: StageJob, base: Base | None = None, device: torch.device | 
         bank,
         heads,
         isolate_spans=cfg.isolate_spans,
-        track_momentum=cfg.track_feature_mean,
+        track_momentum=cfg.track_feature_mean if cfg.head_mode == "track" else 0.0,
+        center_heads=cfg.head_mode == "batch",
         prefix=cfg.prefix,
         prefix_store=_store(cfg, device),
     ).to(device)
@@ -217,7 +221,9 @@ def build_setup(job: StageJob, base: Base | None = None, device: torch.device | 
 
 
 @torch.no_grad()
-def head_features(setup: Setup, td: TaskData, rows: int | None, device, batch_size: int = 16):
+def head_features(
+    setup: Setup, td: TaskData, rows: int | None, device, batch_size: int = 16, rank=0, world=1
+):
     """Features a new head reads ``(n, d)`` and the rows' targets ``(n, k)``, on training rows.
 
     Runs through the model's prefix store, so these rows' frozen prefixes are cached for training.
@@ -227,12 +233,14 @@ def head_features(setup: Setup, td: TaskData, rows: int | None, device, batch_si
     model.eval()
     exs = setup.examples(td, "train", rows or None)
     feats, ys = [], []
-    for idx in sorted_batches(exs, batch_size):
+    for idx in sorted_batches(exs, batch_size, rank, world):
         chunk = [exs[i] for i in idx]
         b = to_device(make_batch(chunk, setup.head_names(), setup.pad_id), device)
         feats.append(model.head_features(b).float().cpu())
         ys += [e.target for e in chunk]
     model.train(was)
+    if not feats:
+        return torch.zeros(0, model.heads.width - 1), torch.zeros(0, 1)
     return torch.cat(feats), torch.tensor(ys, dtype=torch.float32)
 
 
@@ -252,3 +260,28 @@ def init_heads(setup: Setup, device) -> None:
             with torch.no_grad():
                 heads.get(h).copy_(w.to(heads.trainable))
             setup.probe[h]["lambda"] = lam
+
+
+def refresh_heads(setup: Setup, rt, device) -> None:
+    """Before a step or an evaluation: re-fit (``head_mode: refit``) or re-centre (``batch``) every
+    trainable head on the current features of training rows. Each rank computes its share of the rows and
+    all ranks solve the same ridge problem on the gathered features, so heads stay identical under DDP."""
+    cfg, heads = setup.cfg, setup.model.heads
+    if cfg.head_mode not in ("refit", "batch"):
+        return
+    for td in setup.tasks:
+        h = td.spec.head_tag
+        if h not in setup.train_heads:
+            continue
+        feats, y = head_features(setup, td, cfg.refit_rows, device, rank=rt.rank, world=rt.world_size)
+        parts = rt.all_gather((feats, y))
+        feats, y = torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts])
+        if cfg.head_mode == "batch" or len(feats) < 8:
+            heads.set_stats(h, feats.mean(0), heads.stats()[h][1])
+            continue
+        mu, sd = feature_stats(feats)
+        w, lam = ridge_fit((feats - mu) / sd, y, heads.specs[h], seed=cfg.seed)
+        heads.set_stats(h, mu, sd)
+        with torch.no_grad():
+            heads.get(h).copy_(w.to(heads.trainable))
+        setup.probe[h] = {"rows": len(feats), "lambda": lam}

@@ -1,0 +1,128 @@
+"""Render the numbers in README.md and docs/*.md from the JSON files commands wrote (never typed by hand).
+
+A document marks each generated block with ``<!-- render:NAME -->`` ... ``<!-- /render:NAME -->``; this
+script replaces the text between the markers with :data:`SECTIONS[NAME]` applied to its JSON file.
+``python bench/render.py`` rewrites every document; ``--check`` exits 1 when one is out of date (a test
+runs it, so a committed JSON and its page cannot drift apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return (
+            f"{v:.{digits}g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.{digits}f}".rstrip("0").rstrip(".")
+        )
+    return str(v)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def load(name: str) -> dict | None:
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+# ---- sections ----------------------------------------------------------------------------------------
+
+
+def _line_search(d: dict) -> str:
+    rows = [
+        [r["step_rms"], r["feature_shift"], r["fixed"], r["recentred"], r["refit"]] for r in d["line"]["rows"]
+    ]
+    return table(
+        [
+            "step (RMS per tag coordinate)",
+            "feature shift (RMS, in feature stds)",
+            "val loss: head fixed",
+            "head re-centred",
+            "head re-fitted (ridge)",
+        ],
+        rows,
+    )
+
+
+def _runs(runs: list[dict]) -> str:
+    rows = [
+        [
+            r["name"],
+            r["step0_val"],
+            r["best_val"],
+            r["best_step"],
+            r["curve"][-1]["step"],
+            next(iter(r["test"].values())) if r.get("test") else None,
+        ]
+        for r in runs
+    ]
+    return table(["run", "val loss step 0", "best val loss", "best step", "steps", "test (kept state)"], rows)
+
+
+def _diag(key: str) -> Callable[[dict], str]:
+    return lambda d: _runs(d["runs"][key]) if key in d.get("runs", {}) else "(not run)"
+
+
+SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "diagnose-line": ("diagnose.json", _line_search),
+    "diagnose-grid": ("diagnose.json", _diag("grid")),
+    "diagnose-track": ("diagnose.json", _diag("track")),
+    "diagnose-accum": ("diagnose.json", _diag("accum")),
+    "diagnose-probe": ("diagnose.json", _diag("probe")),
+    "diagnose-epochs": ("diagnose.json", _diag("epochs")),
+}
+
+
+def render_text(text: str, extra: dict[str, tuple[str, Callable[[dict], str]]] | None = None) -> str:
+    sections = {**SECTIONS, **(extra or {})}
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in sections:
+            raise KeyError(f"unknown render section {name!r}")
+        file, fn = sections[name]
+        data = load(file)
+        body = fn(data) if data is not None else f"(no {file} yet: run the command above)"
+        return f"<!-- render:{name} -->\n{body}\n<!-- /render:{name} -->"
+
+    return re.sub(r"<!-- render:([\w\-]+) -->.*?<!-- /render:\1 -->", sub, text, flags=re.S)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if a document is out of date")
+    args = p.parse_args(argv)
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = render_text(text)
+        if new != text:
+            stale.append(doc.relative_to(ROOT))
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print("out of date (run python bench/render.py):", ", ".join(map(str, stale)))
+        return 1
+    print("rendered" if not args.check else "up to date", ", ".join(map(str, stale)) or "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
