@@ -202,8 +202,8 @@ def test_format_decimal_label():
 
 
 def test_pipeline_publishes_its_last_stage_to_the_registry(three_stages, tiny_llama):
-    from tagray.serving import Predictor
     from tagray.registry import list_tagsets
+    from tagray.serving import Predictor
 
     cfg, res = three_stages
     registry = cfg.registry_dir()
