@@ -56,7 +56,9 @@ class Quiet(Runtime):
 def make_setup(args, base=None):
     limits = {"train": args.rows, "valid": args.valid, "test": args.test}
     # only the function tag (and head) train; without a stage-1 artifact the domain tag stays at its init
-    frozen = {} if args.init_from or args.task not in DOMAIN_TAG else {"untrained_tags": [DOMAIN_TAG[args.task]]}
+    frozen = (
+        {} if args.init_from or args.task not in DOMAIN_TAG else {"untrained_tags": [DOMAIN_TAG[args.task]]}
+    )
     cfg = parse_pipeline(
         {
             "name": "diagnose",
@@ -80,22 +82,29 @@ class Lab:
 
     def __init__(self, setup):
         self.setup = setup
-        m = setup.model
-        self.init = (
-            m.tags.trainable.detach().clone(),
-            m.heads.trainable.detach().clone(),
-            m.heads.feat_mu.clone(),
-        )
         self.train = _train_rows(setup)
-        self.head = next(iter(setup.train_heads))
+        self.head = next(iter(setup.train_heads), None)  # None: an LM task (stage 1)
         self.task = setup.tasks[0]
+        self.snapshot()
+
+    def snapshot(self):
+        m = self.setup.model
+        self.init = [m.tags.trainable.detach().clone()]
+        if m.heads is not None:
+            self.init += [
+                m.heads.trainable.detach().clone(),
+                m.heads.feat_mu.clone(),
+                m.heads.feat_sd.clone(),
+            ]
 
     def reset(self):
         m = self.setup.model
         with torch.no_grad():
             m.tags.trainable.copy_(self.init[0])
-            m.heads.trainable.copy_(self.init[1])
-            m.heads.feat_mu.copy_(self.init[2])
+            if m.heads is not None:
+                m.heads.trainable.copy_(self.init[1])
+                m.heads.feat_mu.copy_(self.init[2])
+                m.heads.feat_sd.copy_(self.init[3])
 
     def run(self, name: str, **train) -> dict:
         """Train from step 0 with ``train`` overrides; returns the validation curve and the final test."""
@@ -112,7 +121,7 @@ class Lab:
         ]
         tr.best.restore(self.setup)
         test = evaluate(self.setup, [self.task], "test", rt, torch.device("cpu"))[self.task.spec.name]
-        metric = "mse" if "mse" in test else "accuracy" if "accuracy" in test else "loss"
+        metric = next(k for k in ("mse", "accuracy", "loss") if k in test)
         self.setup.cfg = base_cfg
         best = min(curve, key=lambda c: c["val"])
         out = {
@@ -247,8 +256,7 @@ def experiments(lab: Lab, args) -> dict:
     best = dict(lr=args.lr, head_lr=args.head_lr)
     if "track" in args.only:
         out["track"] = [
-            lab.run(f"head_mode={c}", head_mode=c, **best, **ep)
-            for c in ("fixed", "track", "batch")
+            lab.run(f"head_mode={c}", head_mode=c, **best, **ep) for c in ("fixed", "track", "batch")
         ]
     if "accum" in args.only:
         out["accum"] = [
@@ -269,12 +277,9 @@ def experiments(lab: Lab, args) -> dict:
             setup.probe.clear()
             from tagray.train.setup import init_heads
 
+            lab.reset()
             init_heads(setup, torch.device("cpu"))
-            lab.init = (
-                lab.init[0],
-                setup.model.heads.trainable.detach().clone(),
-                setup.model.heads.feat_mu.clone(),
-            )
+            lab.snapshot()
             out["probe"].append(lab.run(f"probe_rows={rows or 'all'}", **best, **ep))
     for spec in args.run:  # ad-hoc runs: NAME=JSON overrides of the train config
         name, _, js = spec.partition("=")

@@ -163,7 +163,7 @@ def trial_sets(base: Any, members: int, length: int) -> dict:
 def _timed(pred: Any, reqs: list[dict], batched: bool) -> tuple[float, float]:
     """Wall and process-CPU seconds of ``pred`` answering ``reqs`` in one call (``batched``) or one call
     each, with an empty prefix store (no answer from an earlier call). CPU time is what the work costs
-    this process; other jobs on shared cores stretch the wall time, not it."""
+    this process: other jobs on shared cores stretch the wall time far more than it."""
     if pred.model.prefix_store is not None:
         pred.model.prefix_store.clear()
     t, c = time.perf_counter(), time.process_time()
@@ -324,6 +324,11 @@ def render_ensemble(res: dict) -> str:
         f"requests): a member inside the ensemble vs alone {m['max_abs_member_vs_alone']:.1e}, shared prefix "
         f"vs full rows {m['max_abs_shared_vs_full_rows']:.1e}. Target <= 1.5x: **{verdict}**.",
     ]
+    if "measure_s" in m:
+        la = f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
+        lines[-1] += (
+            f" Measured in {m['measure_s']:.0f} s (1-minute load average {la} on {m.get('cpus', '?')} cores)."
+        )
     return "\n".join(lines)
 
 
@@ -955,6 +960,7 @@ def measure_ensemble(a: argparse.Namespace, res: dict, base: Any) -> dict:
         base, max(1, int(a.cpus)), n=a.ensemble_requests, rounds=a.ensemble_rounds, length=a.tag_length
     )
     m |= {"loadavg_start": load_start, "loadavg_end": os.getloadavg(), "measure_s": time.time() - t}
+    m["cpus"] = os.cpu_count()
     res["ensemble_micro"], res["ensemble4_over_single"] = m, m["ensemble4_over_single"]
     print(render_ensemble(res), flush=True)
     return m

@@ -132,9 +132,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(res: dict, markdown: bool = False) -> str:
     """The variants table, the prefix-cache speed-ups and the cache's bytes per row."""
-    cols = h.columns(
-        "name", "batches", "steps", "s_per_step", "rows_per_s", "useful_tok_per_s", "useful_fraction"
-    ) + h.columns("executed_tflop_per_s", "max_rss_gib")
+    cols = (
+        h.columns(
+            "name", "batches", "steps", "s_per_step", "rows_per_s", "rows_per_cpu_s", "useful_tok_per_s"
+        )
+        + h.columns("useful_fraction")
+        + h.columns("executed_tflop_per_s", "max_rss_gib")
+    )
     out = [h.table(res["variants"], cols, markdown), "", h.prefix_report(res["prefix_cache"], markdown)]
     if "levers_rows_per_s_ratio" in res:
         lev = [{"pair": k, "x": x} for k, x in res["levers_rows_per_s_ratio"].items()]

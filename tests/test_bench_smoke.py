@@ -67,6 +67,8 @@ def _check_prefix_cache(res: dict) -> None:
     pc = res["prefix_cache"]
     assert set(pc["rows_per_s"]) == {"cache_reuse", "cache_fill", "prefix_recompute", "full_forward", "peft"}
     assert set(pc["speedup_vs_peft_same_batches"]) == set(pc["rows_per_s"]) - {"peft"}
+    assert set(pc["rows_per_cpu_s"]) == set(pc["rows_per_s"])  # and the same on process CPU time
+    assert set(pc["speedup_vs_peft_same_batches_cpu"]) == set(pc["speedup_vs_peft_same_batches"])
     c = pc["cache"]
     rows = steps * res["config"]["batch_size"]
     assert c["rows"] == rows and c["stats"] == {
@@ -89,6 +91,7 @@ def test_train_vs_peft_smoke(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)  # the script sets --threads for the whole process
     res = json.loads(out.read_text())
+    assert res["config"]["base"] == "tiny-llama"  # tagray.core.tiny: no converted SmolLM2 needed
     assert {v["name"] for v in res["variants"]} == PREFIX_SUITE | LEVERS
     _check_prefix_cache(res)
     assert res["memory"]["peak_rss_gib"] > 0 and set(res["levers_rows_per_s_ratio"]) == set(

@@ -80,6 +80,37 @@ def isolated_env(home: str, **extra: str) -> dict[str, str]:
     return env
 
 
+# ---- what workers are sent (no Ray) --------------------------------------------------------------------
+
+
+def test_ensure_ray_sends_workers_no_credentials(monkeypatch):
+    """The runtime_env of every job tagray connects is stored on the cluster for anyone who lists jobs,
+    actors or tasks: it carries where data lives (endpoint, region), never a credential."""
+    import ray
+
+    from tagray.ray import session
+
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIATAGRAYTEST",
+        "AWS_SECRET_ACCESS_KEY": "tagray-secret",
+        "AWS_SESSION_TOKEN": "tagray-session",
+        "HF_TOKEN": "hf_tagray",
+        "RAY_AUTH_TOKEN": "tagray-ray-token",
+    }
+    for k, v in {**secrets, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_REGION": "us-west-2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # explicit: ensure_ray leaves it alone
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    session.ensure_ray("127.0.0.1:6379")
+    env = calls[0]["runtime_env"]["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["AWS_REGION"] == "us-west-2"
+    leaked = [k for k, v in env.items() if k in secrets or v in secrets.values()]
+    assert not leaked, f"credentials in the job's runtime_env: {leaked}"
+
+
 # ---- storage rules (no Ray) ----------------------------------------------------------------------------
 
 
@@ -310,6 +341,17 @@ def test_ray_job_submit_to_token_auth_head_keeps_secrets_out(tiny_base_dir, tmp_
         with pytest.raises(urllib.error.HTTPError) as denied:  # token auth is really on
             urllib.request.urlopen(f"{url}/api/jobs/", timeout=30)
         assert denied.value.code == 401
+        # why the README exports RAY_AUTH_MODE=token: without it the job CLI sends no token, even with one
+        # in ~/.ray/auth_token (the message docs/cluster.md quotes)
+        plain = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+        bare = subprocess.run(
+            [f"{BIN}/ray", "job", "list", "--address", url],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=plain,
+        )
+        assert bare.returncode != 0 and "Authentication required" in bare.stdout + bare.stderr, bare
         out = tmp_path / "runs"
         cmd = [f"{BIN}/ray", "job", "submit", "--address", url, "--working-dir", ".", "--"]
         cmd += ["python", "jobs/pipeline.py", "jobs/smoke.yaml", "--set", f"base={tiny_base_dir}"]
@@ -332,7 +374,6 @@ def test_ray_job_submit_to_token_auth_head_keeps_secrets_out(tiny_base_dir, tmp_
         assert any("RayTrainWorker" in str(a.get("class_name")) for a in info["actors"]), "and its workers'"
         assert secret not in dump.stdout, "a credential was copied into job metadata or a runtime_env"
 
-        plain = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
         for home, expected in [
             (env["HOME"], "CONNECTED"),
             (str(tmp_path / "no-token"), "address: cannot connect"),

@@ -29,6 +29,7 @@ from ..train import Runtime, StageJob, resolve_dtype, run_stage
 from ..util import abs_uri, worker_env
 from .session import ensure_ray
 from .shared import attach_base, base_info
+from .storage import require_shared_storage
 
 
 class RayTrainRuntime(Runtime):
@@ -112,6 +113,8 @@ def fit_stage(
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
+    # refused before any worker starts: a node-local path would strand checkpoints on one node
+    require_shared_storage({"output": job.output, "init_from": job.init_from, "storage": storage}, resources)
     dtype = resolve_dtype(job.dtype, sc.use_gpu)  # the workers' dtype, decided from their resources
     info = base_info(job.base, dtype) if share_base else None
     jd = {
