@@ -80,7 +80,54 @@ def _diag(key: str) -> Callable[[dict], str]:
     return lambda d: _runs(d["runs"][key]) if key in d.get("runs", {}) else "(not run)"
 
 
+def _varpro(d: dict) -> str:
+    v = d.get("varpro")
+    if not v:
+        return "(not run)"
+    rows = [[c["step"], c["val"]] for c in v["curve"]]
+    return table(["step (full-batch, normalised, ridge re-fit)", "val loss"], rows)
+
+
+def _main_metric(m: dict) -> tuple[str, float | None]:
+    for k in ("mse", "accuracy", "loss"):
+        if k in m:
+            return k, m[k]
+    return "-", None
+
+
+def _demo(d: dict) -> str:
+    """``bench/results/demo_summary.json`` (a copy of ``runs/demo/summary.json``): per stage and task the
+    kept step, the step-0 and the trained test metric, and the references each must beat."""
+    rows = []
+    for stage, r in d.items():
+        for task, m in r["test"].items():
+            if not isinstance(m, dict):
+                continue
+            key, val = _main_metric(m)
+            s0 = r.get("step0", {}).get(task, {}).get(key)
+            ref = {"mse": m.get("baseline_mse"), "loss": m.get("unigram_loss")}.get(key)
+            untagged = m.get("untagged_loss") if key == "loss" else None
+            kept = r.get("kept_step", {}).get(task, "-")
+            rows.append([stage, task, f"{key}", s0, val, kept, ref, untagged])
+    return table(
+        [
+            "stage",
+            "task",
+            "test metric",
+            "step 0",
+            "trained (kept state)",
+            "kept step",
+            "train-mean MSE / unigram LM loss",
+            "untagged prompt LM loss",
+        ],
+        rows,
+    )
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "demo-results": ("demo_summary.json", _demo),
+    "diagnose-varpro": ("diagnose.json", _varpro),
+    "diagnose-custom": ("diagnose.json", _diag("custom")),
     "diagnose-line": ("diagnose.json", _line_search),
     "diagnose-grid": ("diagnose.json", _diag("grid")),
     "diagnose-track": ("diagnose.json", _diag("track")),

@@ -41,19 +41,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tagray.stage import Runtime, StageJob, build_setup, encode_split, generate_text, ridge_head, run_stage
 from torch import nn
 
 from tagray.config import parse_pipeline
 from tagray.core.artifacts import is_tagset, load_tagset
 from tagray.core.base import Base, load_base
 from tagray.core.data import BucketBatchSampler
-from tagray.core.heads import HeadSpec
+from tagray.core.heads import HeadSpec, ridge_fit
 from tagray.core.metrics import bleu, regression_metrics
 from tagray.core.model import TagLLM
 from tagray.core.tags import TagBank
 from tagray.tasks.dataset import build_task_data
 from tagray.tasks.spec import load_task
+from tagray.train.batches import encode_rows, encoder_for
+from tagray.train.evaluate import generate_text
+from tagray.train.job import Runtime, StageJob
+from tagray.train.recipe import run_stage
+from tagray.train.setup import build_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -149,7 +153,7 @@ def no_head_run(args, base: Base, name: str, init: str) -> dict:
     tspec = load_task(task)
     model = TagLLM(base.model, TagBank(ts.tags)).to(args.device).eval()
     rows = encodable(tspec, base, model, build_task_data(tspec).splits["test"][: args.test_rows])
-    hyps = generate_text(model, None, tspec, rows, torch.device(args.device), 16, 8, tokenizer=base.tokenizer)
+    hyps = generate_text(model, base.tokenizer, tspec, rows, torch.device(args.device), 16, 8)
     train_mean = sum(r[col] for r in build_task_data(tspec).splits["train"]) / len(
         build_task_data(tspec).splits["train"]
     )
@@ -169,8 +173,6 @@ def no_head_run(args, base: Base, name: str, init: str) -> dict:
 
 def encodable(spec, base: Base, model: TagLLM, rows: list[dict]) -> list[dict]:
     """The rows whose prompt fits ``spec.max_length`` (tagray skips longer ones in training and tests too)."""
-    from tagray.stage import encoder_for
-
     from tagray.core.errors import InputError
 
     enc = encoder_for(spec, base.tokenizer, model.tags)
@@ -197,7 +199,7 @@ class Rows:
         self.n_tags = sum(setup.model.tags.length(t) for t in setup.model.tags.names)
         self.split = {}
         for s in ("train", "valid", "test"):
-            exs = encode_split(setup, setup.tasks, s)
+            exs = encode_rows(setup.tasks, base.tokenizer, setup.model.tags, s)
             ids = [[i for i, t in zip(e.enc.ids, e.enc.tag_rows, strict=True) if t < 0] for e in exs]
             self.split[s] = (ids, torch.tensor([e.target[0] for e in exs]))
 
@@ -245,7 +247,7 @@ def all_features(features, ids: list[list[int]], pad: int, bs: int = 16) -> torc
     return f[torch.argsort(torch.tensor(order))]
 
 
-def init_head(head: HeadOnFeatures, rows: Rows, pad: int, n: int) -> None:
+def init_head(head: HeadOnFeatures, rows: Rows, pad: int, n: int, seed: int = 0) -> None:
     """The same start as tagray's heads: standardisation stats and a ridge fit on ``n`` training rows."""
     ids, y = rows.split["train"]
     f = all_features(head.features, ids[:n], pad)
@@ -253,7 +255,8 @@ def init_head(head: HeadOnFeatures, rows: Rows, pad: int, n: int) -> None:
     head.mu.copy_(f.mean(0))
     head.sd.copy_(sd.clamp_min(0.1 * float(sd.median())))
     with torch.no_grad():
-        head.w.copy_(ridge_head((f - head.mu) / head.sd, y[:n, None], rows.spec))
+        w, _ = ridge_fit((f - head.mu) / head.sd, y[:n, None], rows.spec, seed=seed)
+        head.w.copy_(w)
 
 
 def evaluate_head(head: HeadOnFeatures, rows: Rows, split: str, pad: int, limit: int | None = None) -> dict:
@@ -293,7 +296,7 @@ def peft_run(args, base: Base, rows: Rows, kind: str) -> dict:
         return h[torch.arange(len(ids)), last + nv]
 
     head = HeadOnFeatures(features, emb.weight.shape[1])
-    init_head(head, rows, pad, args.probe_rows)
+    init_head(head, rows, pad, args.probe_rows, args.seed)
     head.momentum = args.track
     trainable = [p for p in pm.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable) + head.w.numel()
@@ -353,7 +356,7 @@ def linear_probe(args, base: Base, rows: Rows) -> dict:
         ]
 
     head = HeadOnFeatures(features, base.model.get_input_embeddings().weight.shape[1])
-    init_head(head, rows, pad, len(rows.split["train"][0]))
+    init_head(head, rows, pad, len(rows.split["train"][0]), args.seed)
     return {**evaluate_head(head, rows, "test", pad), "trainable": head.w.numel()}
 
 
@@ -370,7 +373,7 @@ def translation_bleu(args, base: Base, cross: str) -> dict:
         spec = load_task(name)
         rows = encodable(spec, base, model, build_task_data(spec).splits["test"][: args.bleu_rows])
         refs = [r["tgt"] for r in rows]
-        tagged = generate_text(model, None, spec, rows, torch.device("cpu"), 16, 48, tokenizer=tok)
+        tagged = generate_text(model, tok, spec, rows, torch.device("cpu"), 16, 48)
         plain = []
         for s in range(0, len(rows), 16):
             prompts = [
