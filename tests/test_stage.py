@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -136,6 +138,39 @@ def test_real_smollm2_learns_a_domain_tag(smollm2):
     after = rt.reports[-1]["val/smiles_lm/loss"]
     assert after < before - 0.05, (before, after)
     assert not any(p.requires_grad for p in smollm2.model.parameters())
+
+
+@pytest.mark.slow
+def test_real_smollm2_function_tag_ends_below_step0(smollm2, tmp_path):
+    """The shipped stage-2 recipe (ridge re-fit + normalised gradient) on the real SmolLM2: the kept <QED>
+    state is a trained step, and its validation loss is below the step-0 ridge probe's."""
+    cfg = parse_pipeline(
+        {
+            "name": "x",
+            "stages": [
+                {"name": "s", "tasks": [{"task": "qed", "limits": {"train": 256, "valid": 64, "test": 8}}]}
+            ],
+            "train": {
+                "head_mode": "refit",
+                "optimizer": "ngd",
+                "lr": 2e-4,
+                "batch_size": 16,
+                "grad_accum": 4,
+                "epochs": 3,
+                "eval_every": 1,
+                "eval_rows": 64,
+                "tag_length": 4,
+            },
+        }
+    )
+    rt = Runtime()
+    ts, _ = run_stage(StageJob(stage=cfg.stages[0], output=str(tmp_path / "s")), rt, base=smollm2)
+    history = json.loads((tmp_path / "s" / "curves.json").read_text())  # step 0 first, then every step
+    vals = [h["val/qed/loss"] for h in history]
+    assert history[0]["step"] == 0 and len(vals) >= 4, history
+    assert min(vals[1:]) < vals[0], vals
+    assert (tmp_path / "s" / "curves.png").exists()
+    assert ts.metrics["qed"]["kept_step"] > 0, (ts.metrics["qed"], vals)
 
 
 def test_stage_config_errors_name_the_key(tiny_llama):
