@@ -140,8 +140,12 @@ def test_matches_the_training_path(tiny_llama):
         want = setup.model(make_batch(exs, setup.head_names(), tiny_llama.tokenizer.pad_token_id)).preds[:, 0]
     rows = setup.tasks[0].splits["test"][:8]
     p = Predictor(tiny_llama, {"trained": current_tagset(setup, stage="s1")})
-    got = [r["prediction"] for r in p.predict([qed(r["smiles"]) for r in rows])]
+    answers = p.predict([qed(r["smiles"]) for r in rows])
+    got = [a["members"]["trained"] for a in answers]  # the member's own value, before clipping
     assert torch.allclose(torch.tensor(got), want, atol=1e-5)
+    # the answer is clipped to QED's declared range [0, 1]
+    clipped = torch.tensor([a["prediction"] for a in answers])
+    assert torch.allclose(clipped, want.clamp(0, 1), atol=1e-5)
 
 
 def test_mixed_batch_equals_single_requests(pred):
@@ -518,3 +522,47 @@ def test_encoders_are_bounded(tiny_llama, sets):
         ],
         abs=1e-6,
     )
+
+
+def test_regression_answers_are_clipped_and_flagged_out_of_distribution(tiny_llama, tmp_path):
+    """#14.3: QED lies in [0, 1]; an answer outside it is clipped and flagged, and so is one outside the
+    training targets' range or an input longer than any training input. The flags survive a save/load."""
+    import dataclasses
+
+    from tagray.core.artifacts import load_tagset, save_tagset
+
+    ts = random_tagset(tiny_llama, ["qed"], seed=5)
+    base_spec = ts.head_specs["<QED>"]
+    ts.head_specs["<QED>"] = dataclasses.replace(
+        base_spec, std=(50.0,), lo=(0.2,), hi=(0.8,), clip=(0.0, 1.0)
+    )
+    ts.head_specs["<QED>"] = dataclasses.replace(ts.head_specs["<QED>"], input_chars=(2, 12))
+    save_tagset(ts, str(tmp_path / "t"))
+    p = Predictor(tiny_llama, {"t": load_tagset(str(tmp_path / "t"))}, {})
+    answers = p.predict([qed(s) for s in SMILES])
+    for a in answers:  # a head with std 50 lands far outside [0, 1]: every answer is clipped and flagged
+        assert 0.0 <= a["prediction"] <= 1.0, a
+        assert a["out_of_distribution"] and any("clipped" in r for r in a["ood_reasons"]), a
+    long = p.predict([qed("C" * 40)])[0]
+    assert any("input length 40" in r for r in long["ood_reasons"]), long
+    # inside every range: no flag
+    calm = dataclasses.replace(
+        base_spec, std=(1e-6,), lo=(0.0,), hi=(1.0,), clip=(0.0, 1.0), input_chars=(1, 99)
+    )
+    ts.head_specs["<QED>"] = calm
+    a = Predictor(tiny_llama, {"t": ts}, {}).predict([qed("CCO")])[0]
+    assert (
+        not a["out_of_distribution"]
+        and a["ood_reasons"] == []
+        and a["prediction"] == pytest.approx(0.5, abs=1e-3)
+    )
+
+
+def test_task_range_is_validated_and_reaches_the_head(tiny_llama):
+    from tagray.tasks.spec import parse_task
+
+    assert load_task("qed").target.range == (0.0, 1.0)
+    raw = load_task("qed").to_json()
+    for bad in ([1, 0], [0], "0-1", ["a", 1]):
+        with pytest.raises(ConfigError, match=r"target\.range"):
+            parse_task({**raw, "target": {**raw["target"], "range": bad}})

@@ -9,7 +9,7 @@ trainable table, DDP-safe) and read hidden states standardised per dimension (se
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +31,46 @@ class HeadSpec:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     classes: tuple[str, ...] = ()
+    # What the head saw in training (regression), for the out-of-distribution flags of served answers:
+    # per-column target min / max, the task's declared value range (predictions are clipped to it), and
+    # the min / max number of characters of the input fields. Not part of equality: two tasks training
+    # one head share its targets, not their row ranges.
+    lo: tuple[float, ...] = field(default=(), compare=False)
+    hi: tuple[float, ...] = field(default=(), compare=False)
+    clip: tuple[float, float] | None = field(default=None, compare=False)
+    input_chars: tuple[int, int] | None = field(default=None, compare=False)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "kind": self.kind,
             "out_dim": self.out_dim,
             "mean": list(self.mean),
             "std": list(self.std),
             "classes": list(self.classes),
         }
+        if self.lo:
+            out.update(lo=list(self.lo), hi=list(self.hi))
+        if self.clip is not None:
+            out["clip"] = list(self.clip)
+        if self.input_chars is not None:
+            out["input_chars"] = list(self.input_chars)
+        return out
+
+    def ood(self, value: torch.Tensor, chars: int | None) -> list[str]:
+        """Why an answer lies outside what the head was trained on (empty: inside). ``value``: ``(out_dim,)``
+        in target units, before clipping; ``chars``: characters of the request's input fields."""
+        why = []
+        if self.lo and any(
+            float(v) < lo or float(v) > hi for v, lo, hi in zip(value.tolist(), self.lo, self.hi, strict=True)
+        ):
+            why.append("prediction outside the training targets' range")
+        if self.clip is not None and any(float(v) < self.clip[0] or float(v) > self.clip[1] for v in value):
+            why.append(f"prediction outside the task's range {list(self.clip)} (clipped)")
+        if self.input_chars is not None and chars is not None:
+            lo, hi = self.input_chars
+            if not lo <= chars <= hi:
+                why.append(f"input length {chars} outside the training inputs' {lo}-{hi} characters")
+        return why
 
     @classmethod
     def from_json(cls, d: Mapping) -> HeadSpec:
@@ -49,6 +80,10 @@ class HeadSpec:
             tuple(d.get("mean", ())),
             tuple(d.get("std", ())),
             tuple(d.get("classes", ())),
+            tuple(d.get("lo", ())),
+            tuple(d.get("hi", ())),
+            tuple(d["clip"]) if d.get("clip") is not None else None,
+            tuple(d["input_chars"]) if d.get("input_chars") is not None else None,
         )
 
     def standardise(self, y: torch.Tensor) -> torch.Tensor:

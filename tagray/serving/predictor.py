@@ -238,6 +238,12 @@ class Predictor:
             "composition": {m.tagset: dict(m.rename) for m in p.members},
         }
         if p.kind == "regression":
+            hset, _, htag = p.members[0].head.partition("/")
+            hspec = self.sets[hset].head_specs[htag]
+            why = hspec.ood(mean, p.input_chars)
+            if hspec.clip is not None:  # the task's declared range (e.g. QED in [0, 1])
+                mean = mean.clamp(*hspec.clip)
+            out.update(out_of_distribution=bool(why), ood_reasons=why)
             scalar = v.shape[1] == 1
             pick = (lambda t: float(t[0])) if scalar else (lambda t: [float(x) for x in t])
             out.update(

@@ -52,6 +52,7 @@ class Prepared:
     members: list[Member]
     rows: list[Encoded]
     max_new_tokens: int = 0
+    input_chars: int | None = None  # characters of the input fields (the out-of-distribution check)
 
 
 class LRU:
@@ -311,4 +312,5 @@ class Resolver:
             members,
             rows,
             mnt,
+            spec0.input_chars(row),
         )

@@ -109,6 +109,12 @@ class PredictResponse(Answer):
     probabilities: dict[str, float] | None = None
     columns: list[str] | None = None
     composition: dict[str, dict[str, str]] = Field(description=COMPOSITION)
+    out_of_distribution: bool = Field(
+        False,
+        description="Regression: the prediction (before clipping to the task's declared range) lies outside "
+        "the training targets' range or the task's range, or the input's length outside the training inputs'.",
+    )
+    ood_reasons: list[str] = Field(default_factory=list, description="Why out_of_distribution is set.")
 
 
 class GenerateResponse(Answer):

@@ -64,6 +64,7 @@ class Target:
     field: str | None = None  # lm: field whose tokens are predicted
     eos: bool = False
     positive: str | None = None  # classification: the class F1 / ROC-AUC score (binary); None: classes[1]
+    range: tuple[float, float] | None = None  # regression: declared value range; predictions are clipped
 
     @property
     def positive_index(self) -> int:
@@ -101,6 +102,10 @@ class TaskSpec:
         """Fields a user must give to predict (the template's fields minus the LM target)."""
         return [f for f in sorted(template_fields(self.template)) if f != self.target.field]
 
+    def input_chars(self, row: dict) -> int:
+        """Characters of a row's input fields (the input-side out-of-distribution check of answers)."""
+        return sum(len(str(row.get(f, ""))) for f in self.input_fields)
+
     def to_json(self) -> dict:
         return copy.deepcopy(self.raw)
 
@@ -137,6 +142,7 @@ def parse_task(d: dict, where: str = "task") -> TaskSpec:
         t.get("field"),
         bool(t.get("eos", False)),
         _positive(t, classes, where) if kind == "classification" else None,
+        _range(t, kind, where),
     )
     fields_in_template = template_fields(template)
     if kind == "regression" and not target.columns:
@@ -239,3 +245,21 @@ def load_task(ref, overrides: dict | None = None) -> TaskSpec:
     if overrides:
         d = {**d, **overrides}
     return parse_task(d)
+
+
+def _range(t: dict, kind: str, where: str) -> tuple[float, float] | None:
+    """``target.range: [lo, hi]`` of a regression task (e.g. QED ``[0, 1]``)."""
+    r = t.get("range")
+    if r is None:
+        return None
+    ok = kind == "regression" and isinstance(r, (list, tuple)) and len(r) == 2
+    if ok:
+        try:
+            lo, hi = float(r[0]), float(r[1])
+        except (TypeError, ValueError):
+            ok = False
+    if not ok or not lo < hi:
+        raise ConfigError(
+            f"{where}.target.range", f"expected [low, high] with low < high on a regression task, got {r!r}"
+        )
+    return lo, hi

@@ -76,9 +76,20 @@ def target_spec(td: TaskData) -> HeadSpec:
     spec = td.spec
     if spec.target.kind == "classification":
         return HeadSpec("classification", len(spec.target.classes), classes=spec.target.classes)
-    y = torch.tensor([r["_target"] for r in td.splits["train"]], dtype=torch.float64)
+    rows = td.splits["train"]
+    y = torch.tensor([r["_target"] for r in rows], dtype=torch.float64)
     std = y.std(0).clamp_min(1e-6) if len(y) > 1 else torch.ones(y.shape[1], dtype=torch.float64)
-    return HeadSpec("regression", y.shape[1], tuple(y.mean(0).tolist()), tuple(std.tolist()))
+    chars = [spec.input_chars(r) for r in rows]
+    return HeadSpec(
+        "regression",
+        y.shape[1],
+        tuple(y.mean(0).tolist()),
+        tuple(std.tolist()),
+        lo=tuple(y.min(0).values.tolist()),
+        hi=tuple(y.max(0).values.tolist()),
+        clip=spec.target.range,
+        input_chars=(min(chars), max(chars)) if chars else None,
+    )
 
 
 def _select_tags(
