@@ -77,6 +77,10 @@ class TrainConfig:
     select_metric: str = "val_loss"
     """Metric that picks the best checkpoint (lower is better). ``val_loss``: each group of tasks that
     share trainable parameters keeps the step where its own mean validation loss was lowest."""
+    baselines: bool = False
+    """Also fit the expert baselines (``tagray baseline``: fingerprint / descriptor / composition models
+    with scikit-learn) on each head task's split after training; the artifact records them beside the
+    tag's test metrics, so the stage summary, ``tagray tags`` and ``/v1/tags`` show them."""
     prefix: str = "auto"
     """``auto``: run each row's frozen prefix (everything before its first trainable tag) without grad and
     reuse its keys/values across steps and epochs (exact); ``off``: the full forward every step."""

@@ -111,6 +111,7 @@ def _stage_result(job: StageJob) -> dict:
         "test": {t: m.get("test", {}) for t, m in mine.items()},
         "kept_step": {t: m.get("kept_step") for t, m in mine.items() if "kept_step" in m},
         "step0": {t: m.get("step0", {}) for t, m in mine.items() if "step0" in m},
+        "baselines": {t: m["baselines"] for t, m in mine.items() if "baselines" in m},
     }
 
 
@@ -154,6 +155,9 @@ def format_results(results: dict) -> str:
                 lines.append(
                     f"{'':<10} {'':<20} {'Pearson / Spearman':<28} {m['pearson']:.3f} / {m['spearman']:.3f}"
                 )
+                for name, b in r.get("baselines", {}).get(task, {}).items():
+                    if name != "mean" and "mse" in b:
+                        lines.append(f"{'':<10} {'':<20} {'baseline ' + name + ' MSE':<28} {b['mse']:.4f}")
             elif "accuracy" in m:
                 lines.append(f"{stage:<10} {task:<20} {'accuracy':<28} {m['accuracy']:.3f}")
             elif "loss" in m:

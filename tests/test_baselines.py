@@ -121,3 +121,33 @@ def test_lm_tasks_have_no_baselines():
     with pytest.raises(ConfigError) as e:
         fit_baselines("smiles_lm")
     assert e.value.field == "task smiles_lm.target.kind"
+
+
+def test_stage_records_baselines_beside_the_tag_when_asked(tiny_llama, tmp_path):
+    """#14.2: ``train.baselines: true`` fits the expert models on the stage's own split; the artifact, the
+    pipeline summary and its printed table carry them."""
+    from tagray.config import parse_pipeline
+    from tagray.core.artifacts import load_tagset
+    from tagray.pipeline import format_results, plan
+    from tagray.train import Runtime, StageJob, run_stage
+
+    cfg = parse_pipeline(
+        {
+            "name": "b",
+            "output": str(tmp_path),
+            "train": {"max_steps": 1, "eval_every": 1, "batch_size": 4, "tag_length": 2, "baselines": True},
+            "stages": [
+                {"name": "s", "tasks": [{"task": "qed", "limits": {"train": 40, "valid": 10, "test": 10}}]}
+            ],
+        }
+    )
+    job, _, _ = plan(cfg)[0]
+    run_stage(job, Runtime(), base=tiny_llama)
+    b = load_tagset(job.output).metrics["qed"]["baselines"]
+    assert {"mean", "morgan/ridge", "rdkit2d/ridge"} <= set(b), sorted(b)
+    assert all(b[k]["mse"] > 0 for k in ("mean", "morgan/ridge"))
+    from tagray.pipeline import _stage_result
+
+    r = _stage_result(job)
+    assert r["baselines"]["qed"] == b
+    assert "baseline morgan/ridge MSE" in format_results({"s": r})

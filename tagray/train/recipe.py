@@ -87,6 +87,12 @@ def run_stage(
             "step0": step0.get(name, {}),
             "kept_step": kept.get(group),
         }
+        if cfg.baselines and td.spec.head_tag and rt.rank == 0:
+            from ..baselines import fit_baselines  # scikit-learn, only when asked
+
+            b = fit_baselines(td.spec, data=td, seed=cfg.seed)
+            metrics[name]["baselines"] = {k: m.get("test", {}) for k, m in b["models"].items()}
+            rt.log(f"stage {job.stage.name}: {name} baselines (best: {b.get('best')}) fitted")
     for td in setup.eval_tasks:
         metrics[td.spec.name] = {"test": test.get(td.spec.name, {}), "stage": job.stage.name}
     final = current_tagset(setup, metrics, stage=job.stage.name)
