@@ -159,3 +159,11 @@ def test_reproduce_smoke(tmp_path):
     assert len(res["ablations"]) == 3 and set(res["sweep"]) == {"1", "2"}
     text = doc.read_text()
     assert "| tag-llm |" in text and "## Ablations" in text and "python bench/reproduce.py --smoke" in text
+
+
+def test_rendered_pages_match_their_json():
+    """Every number in README.md and docs/*.md between render markers comes from bench/results/*.json:
+    a committed JSON and its page cannot drift apart."""
+    from bench import render
+
+    assert render.main(["--check"]) == 0
