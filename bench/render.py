@@ -124,7 +124,25 @@ def _demo(d: dict) -> str:
     )
 
 
+def _curves(d: dict) -> str:
+    """Validation loss per task at every evaluation of each demo stage (``demo_curves.json``)."""
+    out = []
+    for stage, hist in d.items():
+        tasks = sorted(
+            {k.split("/")[1] for h in hist for k in h if k.startswith("val/") and k.endswith("/loss")}
+        )
+        rows = [[h["step"], *[h.get(f"val/{t}/loss") for t in tasks]] for h in hist]
+        out += [
+            f"Stage `{stage}` (validation loss; step 0 = the untrained start):",
+            "",
+            table(["step", *tasks], rows),
+            "",
+        ]
+    return "\n".join(out).rstrip()
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "demo-curves": ("demo_curves.json", _curves),
     "demo-results": ("demo_summary.json", _demo),
     "diagnose-varpro": ("diagnose.json", _varpro),
     "diagnose-custom": ("diagnose.json", _diag("custom")),
