@@ -236,6 +236,8 @@ class Predictor:
             "tagset": p.tagset,
             "ensemble": p.ensemble,
             "composition": {m.tagset: dict(m.rename) for m in p.members},
+            "out_of_distribution": False,  # regression heads check their training range below
+            "ood_reasons": [],
         }
         if p.kind == "regression":
             hset, _, htag = p.members[0].head.partition("/")
