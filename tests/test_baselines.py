@@ -129,7 +129,7 @@ def test_stage_records_baselines_beside_the_tag_when_asked(tiny_llama, tmp_path)
     from tagray.config import parse_pipeline
     from tagray.core.artifacts import load_tagset
     from tagray.pipeline import format_results, plan
-    from tagray.train import Runtime, StageJob, run_stage
+    from tagray.train import Runtime, run_stage
 
     cfg = parse_pipeline(
         {
