@@ -59,12 +59,10 @@ class HeadSpec:
     def ood(self, value: torch.Tensor, chars: int | None) -> list[str]:
         """Why an answer lies outside what the head was trained on (empty: inside). ``value``: ``(out_dim,)``
         in target units, before clipping; ``chars``: characters of the request's input fields."""
-        why = []
-        if self.lo and any(
-            float(v) < lo or float(v) > hi for v, lo, hi in zip(value.tolist(), self.lo, self.hi, strict=True)
-        ):
+        vals, why = value.tolist(), []
+        if self.lo and any(v < lo or v > hi for v, lo, hi in zip(vals, self.lo, self.hi, strict=True)):
             why.append("prediction outside the training targets' range")
-        if self.clip is not None and any(float(v) < self.clip[0] or float(v) > self.clip[1] for v in value):
+        if self.clip is not None and any(v < self.clip[0] or v > self.clip[1] for v in vals):
             why.append(f"prediction outside the task's range {list(self.clip)} (clipped)")
         if self.input_chars is not None and chars is not None:
             lo, hi = self.input_chars

@@ -239,9 +239,9 @@ class Predictor:
             "out_of_distribution": False,  # regression heads check their training range below
             "ood_reasons": [],
         }
+        hset, _, htag = p.members[0].head.partition("/")
+        hspec = self.sets[hset].head_specs[htag]
         if p.kind == "regression":
-            hset, _, htag = p.members[0].head.partition("/")
-            hspec = self.sets[hset].head_specs[htag]
             why = hspec.ood(mean, p.input_chars)
             if hspec.clip is not None:  # the task's declared range (e.g. QED in [0, 1])
                 mean = mean.clamp(*hspec.clip)
@@ -256,8 +256,7 @@ class Predictor:
                 probabilities=None,
             )
         else:
-            hset, _, htag = p.members[0].head.partition("/")
-            classes = list(self.sets[hset].head_specs[htag].classes) or [str(i) for i in range(v.shape[1])]
+            classes = list(hspec.classes) or [str(i) for i in range(v.shape[1])]
             best = int(mean.argmax())
             out.update(
                 prediction=classes[best],
