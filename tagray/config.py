@@ -56,7 +56,9 @@ class TrainConfig:
     """Training rows per new head used for its feature statistics and ridge init (0: all of them; the
     same pass fills the prefix cache, so it costs what the first epoch's prefixes would)."""
     head_mode: str = "refit"
-    """How a new head follows its moving function tag. ``refit``: re-fitted in closed form (ridge on the
+    """How a new head follows its moving function tag. ``varpro``: the head is the ridge fit on every
+    training row's current features and the tag descends that head's closed-form leave-one-out error (an
+    estimate of its error on unseen rows; :mod:`tagray.train.varpro`); ``refit``: re-fitted in closed form (ridge on the
     current features of ``refit_rows`` training rows) before every optimizer step and evaluation, so the
     tag's gradient is that of the best linear read-out (variable projection); ``batch``: trained jointly,
     reading features centred on the batch mean (BatchNorm style), re-centred before evaluations;
@@ -99,8 +101,8 @@ class TrainConfig:
             raise ConfigError("lr", "must be > 0")
         if self.head_init not in ("ridge", "paper"):
             raise ConfigError("head_init", "use ridge or paper")
-        if self.head_mode not in ("refit", "batch", "track", "fixed"):
-            raise ConfigError("head_mode", "use refit, batch, track or fixed")
+        if self.head_mode not in ("varpro", "refit", "batch", "track", "fixed"):
+            raise ConfigError("head_mode", "use varpro, refit, batch, track or fixed")
         if self.refit_rows < 0:
             raise ConfigError("refit_rows", "must be >= 0 (0: all training rows)")
         if self.optimizer not in ("adamw", "ngd"):

@@ -141,14 +141,10 @@ def test_real_smollm2_learns_a_domain_tag(smollm2):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 9, open: at this small budget (256 rows, 12 steps) the shipped stage-2 recipe did not yet "
-    "end below the step-0 ridge probe when measured (2026-12-03); XPASS means it now does",
-)
 def test_real_smollm2_function_tag_ends_below_step0(smollm2, tmp_path):
-    """The shipped stage-2 recipe (ridge re-fit + normalised gradient) on the real SmolLM2: the kept <QED>
-    state is a trained step, and its validation loss is below the step-0 ridge probe's."""
+    """The shipped stage-2 recipe (varpro: full-batch leave-one-out gradient, normalised steps, p = 2) on
+    the real SmolLM2: the kept <QED> state is a trained step, and its validation loss is below the step-0
+    ridge probe's."""
     cfg = parse_pipeline(
         {
             "name": "x",
@@ -156,15 +152,14 @@ def test_real_smollm2_function_tag_ends_below_step0(smollm2, tmp_path):
                 {"name": "s", "tasks": [{"task": "qed", "limits": {"train": 256, "valid": 64, "test": 8}}]}
             ],
             "train": {
-                "head_mode": "refit",
+                "head_mode": "varpro",
                 "optimizer": "ngd",
-                "lr": 2e-4,
-                "batch_size": 16,
-                "grad_accum": 4,
-                "epochs": 3,
+                "lr": 3e-4,
+                "batch_size": 256,
+                "epochs": 4,
                 "eval_every": 1,
                 "eval_rows": 64,
-                "tag_length": 4,
+                "tag_length": 2,
             },
         }
     )

@@ -10,6 +10,7 @@ defined once here and :mod:`tagray.ray.serve` only supplies the replica. Every e
 from __future__ import annotations
 
 import hmac
+import inspect
 import os
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -175,6 +176,21 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return error(exc.status_code, "HTTPError", field, str(exc.detail), getattr(exc, "headers", None))
 
 
+def _forward(backend: Callable, kind: str, body_type: Any) -> Callable:
+    """A POST route that validates its JSON body as ``body_type`` and hands it to the backend's ``kind``.
+    The signature is set explicitly: FastAPI reads the body model from it (this module's annotations
+    are strings, which could not name a per-route type)."""
+
+    async def route(body):
+        return await backend().call(kind, body.model_dump(exclude_none=True))
+
+    route.__name__ = kind
+    route.__signature__ = inspect.Signature(
+        [inspect.Parameter("body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=body_type)]
+    )
+    return route
+
+
 def create_app(backend: Callable[[], Any], max_body: int = MAX_BODY) -> FastAPI:
     """The API over ``backend()`` (see the module docstring); ``backend()`` may return None outside a
     replica (then no token is required and the routes are not callable)."""
@@ -188,25 +204,15 @@ def create_app(backend: Callable[[], Any], max_body: int = MAX_BODY) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     auth = [Depends(HTTPBearer(auto_error=False, description=f"Optional: set with --token or ${TOKEN_ENV}"))]
 
-    @app.post(
-        "/v1/predict",
-        response_model=PredictResponse,
-        responses=ERRORS,
-        dependencies=auth,
-        summary="Predict with a function tag (regression / classification)",
-    )
-    async def predict(body: Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)]):
-        return await backend().call("predict", body.model_dump(exclude_none=True))
-
-    @app.post(
-        "/v1/generate",
-        response_model=GenerateResponse,
-        responses=ERRORS,
-        dependencies=auth,
-        summary="Generate text with tags (e.g. translation)",
-    )
-    async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)]):
-        return await backend().call("generate", body.model_dump(exclude_none=True))
+    for path, kind, req, resp, examples, summary in (
+        ("/v1/predict", "predict", PredictRequest, PredictResponse, PREDICT_EXAMPLES,
+         "Predict with a function tag (regression / classification)"),
+        ("/v1/generate", "generate", GenerateRequest, GenerateResponse, GENERATE_EXAMPLES,
+         "Generate text with tags (e.g. translation)"),
+    ):  # fmt: skip
+        app.post(path, response_model=resp, responses=ERRORS, dependencies=auth, summary=summary)(
+            _forward(backend, kind, Annotated[req, Body(openapi_examples=examples)])
+        )
 
     @app.get(
         "/v1/tags", responses=ERRORS, dependencies=auth, summary="Tags, tag sets, ensembles, rejected sets"

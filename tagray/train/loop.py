@@ -17,6 +17,7 @@ from .batches import Example, make_batch
 from .checkpoint import BestSnapshot, LoopState, save_checkpoint
 from .evaluate import evaluate
 from .setup import Setup, refresh_heads
+from .varpro import varpro_loss, varpro_step
 
 
 def make_optimizer(setup: Setup):
@@ -105,6 +106,10 @@ class Trainer:
         self.tokens = 0
         self.t0 = time.time()
         self.step0_at = 0
+        self.pending: list[int] = []  # varpro: rows of the step being gathered, its loss, step scale
+        self.vp_chunks: list = []
+        self.vp_loss: float | None = None
+        self.step_scale, self.rejected = 1.0, 0
 
     # ---- validation ---------------------------------------------------------------------------
 
@@ -118,6 +123,8 @@ class Trainer:
             "tokens_per_s": self.tokens / max(time.time() - self.t0, 1e-9),
             "lr": self.sched.get_last_lr()[0],
         }
+        if cfg.head_mode == "varpro":
+            metrics.update(step_scale=self.step_scale, rejected_steps=self.rejected)
         t = time.time()
         refresh_heads(setup, self.rt, self.device)  # heads for the current tags
         val = evaluate(
@@ -164,23 +171,67 @@ class Trainer:
         batch = to_device(
             make_batch([self.train[i] for i in idx], setup.head_names(), setup.pad_id), self.device
         )
-        no_sync = getattr(self.wrapped, "no_sync", None)
+        # varpro steps bypass DDP (their gradients are summed in _optimizer_step), so LM rows do too
+        model = self.setup.model if setup.cfg.head_mode == "varpro" else self.wrapped
+        no_sync = getattr(model, "no_sync", None)
         ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with ctx, torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            out = self.wrapped(batch)
+            out = model(batch)
             if out.loss is not None:
                 (out.loss / setup.cfg.grad_accum).backward()
         if out.loss is not None:
             self.losses.append(float(out.loss.detach()))
         self.tokens += int(batch["attention_mask"].sum())
 
+    def _reads_head(self, idx: list[int]) -> bool:
+        setup = self.setup
+        return any(setup.tasks[self.train[i].task].spec.head_tag in setup.train_heads for i in idx)
+
+    def _varpro_step(self, micro: int = 32) -> None:
+        """``head_mode: varpro``: the LOO gradient of the step's rows (bypassing DDP's forward, so
+        :meth:`_optimizer_step` sums the ranks' gradients), in micro-batches of ``micro`` rows."""
+        rows = [self.train[i] for i in self.pending]
+        self.pending = []
+        self.vp_chunks = [rows[s : s + micro] for s in range(0, len(rows), micro)]
+        self.vp_loss = varpro_step(self.setup, self.vp_chunks, self.rt, self.device, self.autocast)
+        if self.vp_loss is not None:
+            self.losses.extend([self.vp_loss] * self.setup.cfg.grad_accum)
+        self.tokens += sum(len(e.enc) for e in rows)
+
+    def _accept(self, before: torch.Tensor) -> None:
+        """Backtracking on the step's own rows: keep the step if their LOO loss fell, else undo it and
+        halve later steps (``step_scale``; it regrows by 1.25x per accepted step, up to 1). Why: how far a
+        tag can move before its features change character varies by task and by step (docs/training.md);
+        one shipped learning rate cannot fit them all, a step that provably helped can."""
+        after = varpro_loss(self.setup, self.vp_chunks, self.rt, self.device, self.autocast)
+        if after is not None and after > self.vp_loss:
+            with torch.no_grad():
+                self.setup.model.tags.trainable.copy_(before)
+            self.step_scale *= 0.5
+            self.rejected += 1
+        else:
+            self.step_scale = min(1.0, self.step_scale * 1.25)
+        self.vp_loss = None
+
     def _optimizer_step(self) -> None:
         cfg, st = self.setup.cfg, self.state
+        if cfg.head_mode == "varpro" and self.rt.world_size > 1:  # one global loss: sum the ranks' parts
+            for p in self.params:
+                if p.grad is not None:
+                    self.rt.all_reduce(p.grad)
         if cfg.optimizer == "ngd":  # each tag / head moves by lr (RMS per coordinate) along its gradient
             _normalise_per_entry(self.setup)
         else:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        tentative = self.vp_loss is not None
+        if tentative:
+            before = self.setup.model.tags.trainable.detach().clone()
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(self.step_scale)
         self.opt.step()
+        if tentative:
+            self._accept(before)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
@@ -204,7 +255,12 @@ class Trainer:
             batches = list(self.sampler)
             for bi in range(st.batch_in_epoch, len(batches)):  # resume mid-epoch at the right batch
                 last = (bi + 1) % cfg.grad_accum == 0 or bi + 1 == len(batches)
-                self._micro_step(batches[bi], sync=last)
+                if cfg.head_mode == "varpro" and self._reads_head(batches[bi]):
+                    self.pending.extend(batches[bi])  # the step's head rows form one problem
+                else:
+                    self._micro_step(batches[bi], sync=last)
+                if last and self.pending:
+                    self._varpro_step()
                 st.batch_in_epoch = bi + 1
                 if not last:
                     continue

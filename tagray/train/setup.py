@@ -278,7 +278,7 @@ def refresh_heads(setup: Setup, rt, device) -> None:
     trainable head on the current features of training rows. Each rank computes its share of the rows and
     all ranks solve the same ridge problem on the gathered features, so heads stay identical under DDP."""
     cfg, heads = setup.cfg, setup.model.heads
-    if cfg.head_mode not in ("refit", "batch"):
+    if cfg.head_mode not in ("refit", "batch", "varpro"):
         return
     for td in setup.tasks:
         h = td.spec.head_tag

@@ -1,0 +1,131 @@
+"""``head_mode: varpro``: the function tag follows the *leave-one-out* error of its best ridge head.
+
+Why: with about as many rows as feature dimensions (500 rows, d = 576) a ridge head fits part of its
+training rows' noise. A tag moved along the gradient of the head's *training* error (``refit``: variable
+projection on the in-sample loss) makes the features easier to overfit, and validation got worse
+(docs/training.md). Ridge's leave-one-out residual has a closed form, ``e_i / (1 - H_ii)``, which is
+differentiable in the features: its mean square estimates the error of the read-out on rows it did not
+see, so the tag is trained on the generalisation error of the head it will be served with.
+
+Each optimizer step poses the problem on its own rows (``batch_size x grad_accum`` rows of one task,
+all at the current tags: nothing stale) with the ridge strength that minimises their LOO error; the
+heads themselves are re-fitted on every training row only before evaluations. Pure torch; under DDP the
+rows of every rank form one problem.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.data import to_device
+from ..core.heads import RIDGE_LAMBDAS, HeadSpec
+from .batches import make_batch
+
+
+def loss_targets(y: torch.Tensor, spec: HeadSpec) -> torch.Tensor:
+    """What ridge regresses on ``(n, k)``: standardised targets, or one-hot classes (least squares)."""
+    if spec.kind == "regression":
+        return spec.standardise(y.double())
+    return F.one_hot(y[:, 0].long(), spec.out_dim).double()
+
+
+def loo_ridge_loss(z: torch.Tensor, t: torch.Tensor, lam: float) -> torch.Tensor:
+    """Mean squared leave-one-out residual of ridge (unpenalised intercept) of ``t (n, k)`` on ``z (n, d)``.
+
+    Exact: with ``zc`` the centred features, the hat matrix is ``1/n + zc (zc'zc + lam I)^-1 zc'``, and the
+    LOO residual of row i is its residual over ``1 - H_ii``. Solved in the dual ``(n, n)`` when n <= d,
+    else in the primal ``(d, d)``; float64, differentiable in ``z``.
+    """
+    z, t = z.double(), t.double()
+    n, d = z.shape
+    zc, tc = z - z.mean(0), t - t.mean(0)
+    if n <= d:  # A = (G + lam I)^-1: e = lam A t, 1 - H_ii - 1/n = lam A_ii - 1/n
+        A = torch.linalg.inv(zc @ zc.T + lam * torch.eye(n, dtype=z.dtype, device=z.device))
+        loo = (A @ tc) / (A.diagonal() - 1.0 / (n * lam))[:, None]
+    else:
+        kz = torch.linalg.solve(zc.T @ zc + lam * torch.eye(d, dtype=z.dtype, device=z.device), zc.T)
+        e = tc - zc @ (kz @ tc)
+        loo = e / (1.0 - (zc * kz.T).sum(1) - 1.0 / n)[:, None]
+    return loo.pow(2).mean()
+
+
+def _lam(z: torch.Tensor, t: torch.Tensor) -> float:
+    """The grid's ridge strength with the lowest LOO error on these rows (no grad)."""
+    with torch.no_grad():
+        return min(RIDGE_LAMBDAS, key=lambda lam: float(loo_ridge_loss(z, t, lam)))
+
+
+def _loo(setup, tasks: torch.Tensor, z: torch.Tensor, ys: list) -> torch.Tensor | None:
+    """Mean over the tasks present of each task's LOO loss on its rows (None: no head task has 8 rows)."""
+    heads, losses = setup.model.heads, []
+    y = torch.tensor(ys, dtype=torch.float64)
+    for i in tasks.unique().tolist():
+        td = setup.tasks[i]
+        m = tasks == i
+        if td.spec.head_tag not in setup.train_heads or int(m.sum()) < 8:  # too few rows to leave one out
+            continue
+        spec, (mu, sd) = heads.specs[td.spec.head_tag], heads.stats()[td.spec.head_tag]
+        zi = (z[m] - mu.double()) / sd.double()
+        ti = loss_targets(y[m], spec)
+        losses.append(loo_ridge_loss(zi, ti, _lam(zi.detach(), ti)))
+    return torch.stack(losses).mean() if losses else None
+
+
+def _gathered(setup, batches: list[dict], chunks: list[list], rt, ctx):
+    """Every rank's step rows: task indices ``(m,)``, features ``(m, d)`` (no grad), targets, and a mask
+    ``(m,)`` of this rank's rows."""
+    model = setup.model
+    with torch.no_grad(), ctx:
+        feats = [model.head_features(b).float().cpu() for b in batches]
+    tasks = torch.tensor([e.task for c in chunks for e in c], dtype=torch.long)
+    z = torch.cat(feats) if feats else torch.zeros(0, model.heads.width - 1)
+    parts = rt.all_gather((tasks, z, [e.target for c in chunks for e in c]))
+    mine = torch.tensor([rt.rank == r for r, (t, _, _) in enumerate(parts) for _ in range(len(t))])
+    return (
+        torch.cat([t for t, _, _ in parts]),
+        torch.cat([f for _, f, _ in parts]).double(),
+        [y for _, _, yy in parts for y in yy],
+        mine,
+    )
+
+
+def _batches(setup, chunks, device):
+    return [to_device(make_batch(c, setup.head_names(), setup.pad_id), device) for c in chunks]
+
+
+@torch.no_grad()
+def varpro_loss(setup, chunks: list[list], rt, device, autocast=None) -> float | None:
+    """The step's LOO loss at the current tags (no grad): the trainer's test of a tentative step."""
+    ctx = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+    tasks, z, ys, _ = _gathered(setup, _batches(setup, chunks, device), chunks, rt, ctx)
+    loss = _loo(setup, tasks, z, ys)
+    return None if loss is None else float(loss)
+
+
+def varpro_step(setup, chunks: list[list], rt, device, autocast=None) -> float | None:
+    """One optimizer step's gradient: the LOO loss of ridge on this step's rows, per task, at the current
+    tags, back-propagated into the function tags. Returns the loss (mean over the step's tasks).
+
+    Two passes keep memory at one micro-batch: features of every row without grad, then the loss's
+    gradient ``dL/dz (m, d)`` in closed form, then each micro-batch re-run with grad and back-propagated
+    with its rows of ``dL/dz`` (the chain rule, exact). ``chunks``: this rank's micro-batches of examples
+    (``Example.task`` indexes ``setup.tasks``); under DDP the features of every rank's rows form one
+    problem and each rank back-propagates its own rows (the trainer sums the gradients).
+    """
+    ctx = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+    batches = _batches(setup, chunks, device)
+    tasks, z, ys, mine = _gathered(setup, batches, chunks, rt, ctx)
+    z.requires_grad_(True)
+    loss = _loo(setup, tasks, z, ys)
+    if loss is None:
+        return None
+    (grad,) = torch.autograd.grad(loss, z)
+    grad, off = grad[mine].float(), 0  # this rank's rows, in chunk order
+    for b in batches:
+        with ctx:
+            fresh = setup.model.head_features(b)
+        n = fresh.shape[0]
+        (fresh.float() * grad[off : off + n].to(fresh.device)).sum().backward()
+        off += n
+    return float(loss.detach())
