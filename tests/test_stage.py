@@ -144,8 +144,8 @@ def test_real_smollm2_learns_a_domain_tag(smollm2):
 @pytest.mark.xfail(
     strict=False,
     reason="issue 9, open: at this budget (256 rows, the untrained <SMILES> start, p = 2) the varpro recipe "
-    "did not end below the step-0 ridge probe when measured (2026-12-03); on 800 rows after a trained "
-    "<SMILES> it did (docs/training.md). XPASS means it now does here too",
+    "did not end below the step-0 ridge probe when measured (2026-12-03; a one-off run on 800 rows after a "
+    "trained <SMILES> did). XPASS means it now does here too",
 )
 def test_real_smollm2_function_tag_ends_below_step0(smollm2, tmp_path):
     """The shipped stage-2 recipe (varpro: full-batch leave-one-out gradient, normalised steps, p = 2) on

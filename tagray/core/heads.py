@@ -264,6 +264,13 @@ def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 RIDGE_LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
+def ridge_targets(y: torch.Tensor, spec: HeadSpec) -> torch.Tensor:
+    """What ridge regresses on ``(n, k)`` float64: standardised targets, or one-hot classes (least squares)."""
+    if spec.kind == "regression":
+        return spec.standardise(y.double())
+    return F.one_hot(y[:, 0].long(), spec.out_dim).double()
+
+
 def ridge_fit(
     z: torch.Tensor, y: torch.Tensor, spec: HeadSpec, seed: int = 0, folds: int = 5
 ) -> tuple[torch.Tensor, float]:
@@ -273,8 +280,7 @@ def ridge_fit(
     classifier). The ridge strength is chosen by k-fold cross-validation on a seeded random permutation
     of the rows, never on an ordered slice (rows often arrive sorted, e.g. by length).
     """
-    t = spec.standardise(y.double()) if spec.kind == "regression" else F.one_hot(y[:, 0].long(), spec.out_dim)
-    z64, t64 = z.double(), t.double()
+    z64, t64 = z.double(), ridge_targets(y, spec)
     n, d = z64.shape
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     fold = torch.empty(n, dtype=torch.long)

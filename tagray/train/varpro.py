@@ -16,18 +16,10 @@ rows of every rank form one problem.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..core.data import to_device
-from ..core.heads import RIDGE_LAMBDAS, HeadSpec
+from ..core.heads import RIDGE_LAMBDAS, ridge_targets
 from .batches import make_batch
-
-
-def loss_targets(y: torch.Tensor, spec: HeadSpec) -> torch.Tensor:
-    """What ridge regresses on ``(n, k)``: standardised targets, or one-hot classes (least squares)."""
-    if spec.kind == "regression":
-        return spec.standardise(y.double())
-    return F.one_hot(y[:, 0].long(), spec.out_dim).double()
 
 
 def loo_ridge_loss(z: torch.Tensor, t: torch.Tensor, lam: float) -> torch.Tensor:
@@ -67,7 +59,7 @@ def _loo(setup, tasks: torch.Tensor, z: torch.Tensor, ys: list) -> torch.Tensor 
             continue
         spec, (mu, sd) = heads.specs[td.spec.head_tag], heads.stats()[td.spec.head_tag]
         zi = (z[m] - mu.double()) / sd.double()
-        ti = loss_targets(y[m], spec)
+        ti = ridge_targets(y[m], spec)
         losses.append(loo_ridge_loss(zi, ti, _lam(zi.detach(), ti)))
     return torch.stack(losses).mean() if losses else None
 
