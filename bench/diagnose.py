@@ -21,11 +21,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench/ is a package
+
+from bench.harness import add_options  # noqa: E402
 from tagray.config import parse_pipeline
 from tagray.core.data import to_device
 from tagray.core.heads import feature_stats, ridge_fit
@@ -291,26 +295,16 @@ def experiments(lab: Lab, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="qed")
-    p.add_argument("--base", default="smollm2-135m")
+    add_options(p, task="qed", base="smollm2-135m")
     p.add_argument(
         "--init-from", default=None, help="tag set with the stage-1 domain tags (default: their init)"
     )
-    p.add_argument("--rows", type=int, default=1000)
-    p.add_argument("--valid", type=int, default=150)
-    p.add_argument("--test", type=int, default=400)
-    p.add_argument("--p", type=int, default=10)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3])
-    p.add_argument("--head-factors", type=float, nargs="+", default=[0.1, 1.0, 10.0])
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--head-lr", type=float, default=1e-4)
-    p.add_argument("--long-epochs", type=float, nargs="+", default=[2, 4])
-    p.add_argument("--line-rows", type=int, default=256)
-    p.add_argument("--line-steps", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
-    p.add_argument("--varpro-steps", type=int, default=12)
-    p.add_argument("--varpro-rms", type=float, default=2e-4)
+    add_options(
+        p, rows=1000, valid=150, test=400, p=10, epochs=1.0, eval_every=25,
+        lrs=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3], head_factors=[0.1, 1.0, 10.0], lr=1e-4, head_lr=1e-4,
+        long_epochs=[2.0, 4.0], line_rows=256, line_steps=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+        varpro_steps=12, varpro_rms=2e-4,
+    )  # fmt: skip
     p.add_argument("--run", action="append", default=[], help="extra run: NAME='{\"lr\": 1e-4}'")
     p.add_argument("--only", nargs="+", default=["line", "grid", "track", "accum", "probe", "epochs"])
     p.add_argument("--out", default=str(RESULTS / "diagnose.json"))

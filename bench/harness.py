@@ -18,6 +18,7 @@ tokens), padding excluded.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -43,6 +44,17 @@ from tagray.core.prefix import PrefixStore, kv_bytes_per_token, split_points  # 
 from tagray.core.template import Encoded  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+
+
+def add_options(parser: argparse.ArgumentParser, /, **defaults: object) -> None:
+    """One ``--name`` option per keyword (``snake_case`` -> ``--snake-case``), typed by its default: a list
+    default takes one or more values of its first element's type, ``None`` a string."""
+    for name, default in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, list):
+            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default)
+        else:
+            parser.add_argument(flag, type=str if default is None else type(default), default=default)
 
 
 @dataclass

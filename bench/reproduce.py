@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench/ is a package
+
+from bench.harness import add_options  # noqa: E402
 from tagray.config import parse_pipeline
 from tagray.core.artifacts import is_tagset, load_tagset
 from tagray.core.base import Base, load_base
@@ -636,28 +639,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--base", default="smollm2-135m")
-    ap.add_argument("--tasks", nargs="+", default=["qed", "logp", "descriptor"])
+    add_options(ap, base="smollm2-135m", tasks=["qed", "logp", "descriptor"])
     ap.add_argument("--ablation-tasks", nargs="*", default=["qed"])
     ap.add_argument(
         "--lengths", nargs="*", type=int, default=[1, 5, 10, 20], help="function-tag lengths to sweep"
     )
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--domain-lr", type=float, default=5e-3)
+    add_options(ap, steps=60, batch_size=8, lr=1e-3, domain_lr=5e-3)
     ap.add_argument("--warmup", type=float, default=0.2, help="warm-up fraction of the cosine schedule")
     ap.add_argument("--track", type=float, default=0.2, help="momentum of every head's running feature mean")
-    ap.add_argument("--tag-length", type=int, default=10)
-    ap.add_argument("--eval-every", type=int, default=30)
-    ap.add_argument("--train-rows", type=int, default=1500)
-    ap.add_argument("--valid-rows", type=int, default=60)
-    ap.add_argument("--test-rows", type=int, default=200)
-    ap.add_argument("--probe-rows", type=int, default=256)
-    ap.add_argument("--bleu-rows", type=int, default=48)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    add_options(
+        ap, tag_length=10, eval_every=30, train_rows=1500, valid_rows=60, test_rows=200, probe_rows=256,
+        bleu_rows=48, seed=0, threads=2, device="cpu",
+    )  # fmt: skip
     ap.add_argument(
         "--domain", default=None, help="stage-1 artifact with <SMILES>/<Protein> (default: train one)"
     )

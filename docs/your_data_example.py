@@ -7,7 +7,7 @@
 Steps (run from the repository root):
 - ``data``: a user CSV from real measurements that ship with RDKit (ChEMBL assay CHEMBL2321810, 1,017
   pIC50 values, ``rdkit/Contrib/FreeWilson/data``), plus the task and pipeline YAML, in ``runs/pic50-data/``;
-- ``baseline``: :func:`tagray.baselines.fit_baselines` on the task's scaffold split (= ``tagray baseline``);
+- ``baseline``: ``tagray baseline runs/pic50-data/pic50.yaml`` on the task's scaffold split;
 - ``train``: ``tagray pipeline runs/pic50-data/pipeline.yaml --local`` (one stage from the demo artifact);
 - ``eval``: ``tagray eval`` on the test split; ``serve``: ``tagray serve`` and one ``POST /v1/predict``.
 
@@ -55,7 +55,10 @@ name: your-data
 base: smollm2-135m
 output: runs                      # the artifact lands in runs/your-data/pic50/
 registry: auto                    # and is published to runs/registry as tag set "your-data"
-train: {{tag_length: 10, lr: 1.0e-3, batch_size: 12, max_steps: 150, eval_every: 50, eval_rows: 60}}
+# the demo's stage-2 recipe (docs/training.md): a 2-vector function tag moved down the leave-one-out
+# error of its ridge head, all training rows in one step (batch_size >= the split)
+train: {{tag_length: 2, head_mode: varpro, optimizer: ngd, lr: 3.0e-4, batch_size: 1024, epochs: 4,
+        eval_every: 1, eval_rows: 200, prefix_cache_gb: 6}}
 scaling: {{num_workers: 1, cpus_per_worker: 2}}
 stages:
   - name: pic50
@@ -89,10 +92,10 @@ def make_data() -> dict:
 
 
 def run_baselines() -> dict:
-    # TODO(lead): becomes `tagray baseline runs/pic50-data/pic50.yaml --output ...` once the CLI has it
-    from tagray.baselines import fit_baselines
-
-    return fit_baselines(f"{WORK}/pic50.yaml")
+    """``tagray baseline`` on the task (its scaffold split), read back from the JSON it writes."""
+    out = f"{WORK}/baselines.json"
+    _tagray("baseline", f"{WORK}/pic50.yaml", "--output", out)
+    return json.loads((ROOT / out).read_text())
 
 
 def _tagray(*args: str, timeout: int = 7200) -> str:

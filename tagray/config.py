@@ -92,6 +92,11 @@ class TrainConfig:
     """Storage dtype of cached keys/values: float32 (exact) or bfloat16 (half the memory, approximate)."""
     prefix_cache_spill: str | None = "auto"
     """Where rows over the RAM budget go: ``auto`` (a temporary folder), a folder, or null (recompute)."""
+    prefix_cache_shared: str = "search"
+    """Prefixes in a node-local folder that processes share (one file per row, memory-mapped by all):
+    ``search`` (the trials of ``tagray tune`` share one per node, built once; a plain stage keeps its own
+    store), ``auto`` (always; ``$TAGRAY_PREFIX_SHARED`` or ``/dev/shm/tagray-prefix``), ``off``, or a
+    folder."""
 
     def __post_init__(self):
         for k in ("tag_length", "batch_size", "max_steps", "eval_every", "grad_accum", "eval_rows"):
@@ -121,6 +126,8 @@ class TrainConfig:
             raise ConfigError("prefix_cache_dtype", "use float32 or bfloat16")
         if not self.prefix_cache_gb >= 0:
             raise ConfigError("prefix_cache_gb", "must be >= 0")
+        if not self.prefix_cache_shared:
+            raise ConfigError("prefix_cache_shared", "use search, auto, off or a folder")
 
 
 @dataclass(frozen=True)
@@ -310,7 +317,14 @@ def initial_tags(cfg: PipelineConfig, stage: StageConfig) -> str | None:
     return ref
 
 
+# Train keys that cannot change an artifact, left out of its hash so that setting them (or a release adding
+# one) does not re-run finished stages: a shared prefix store holds the same keys/values as a private one.
+NOT_HASHED = ("prefix_cache_shared",)
+
+
 def stage_hash(cfg: PipelineConfig, stage: StageConfig) -> str:
     """What a stage's artifact depends on: its config, the base, the dtype and its initial tags."""
-    doc = {"stage": to_dict(stage), "base": cfg.base, "dtype": cfg.dtype, "init": initial_tags(cfg, stage)}
+    st = to_dict(stage)
+    st["train"] = {k: v for k, v in st["train"].items() if k not in NOT_HASHED}
+    doc = {"stage": st, "base": cfg.base, "dtype": cfg.dtype, "init": initial_tags(cfg, stage)}
     return stable_hash(doc)

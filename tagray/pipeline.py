@@ -96,9 +96,22 @@ def run_pipeline(
             continue
         executor.run(job, run_dir, h)
         results[job.stage.name] = _stage_result(job)
-    _write_summary(run_dir, results)
+    _write_summary(run_dir, _with_current_stages(cfg, run_dir, results))
     _publish(cfg, run_dir)
     return results
+
+
+def _with_current_stages(cfg: PipelineConfig, run_dir: str, results: dict) -> dict:
+    """``results`` plus, for a ``--stages`` subset, every other stage whose artifact matches the config, in
+    pipeline order: the run folder's summary describes all of it, not only the stages run last."""
+    out = {}
+    for st in cfg.stages:
+        dest = f"{run_dir}/{st.name}"
+        if st.name in results:
+            out[st.name] = results[st.name]
+        elif is_tagset(dest) and load_tagset(dest).meta.get("config_hash") == stage_hash(cfg, st):
+            out[st.name] = {**_stage_result(StageJob(stage=st, output=dest)), "skipped": True}
+    return out
 
 
 def _stage_result(job: StageJob) -> dict:

@@ -23,6 +23,7 @@ WORKER_ENV = {
 # Non-secret settings forwarded from the driver to workers when set (where data and models live).
 FORWARDED_ENV = (
     "TAGRAY_CACHE",
+    "TAGRAY_PREFIX_SHARED",
     "HF_HUB_OFFLINE",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",

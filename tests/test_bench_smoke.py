@@ -76,6 +76,8 @@ def _check_prefix_cache(res: dict) -> None:
         "misses": rows,
         "spilled": 0,
         "evicted": 0,
+        "shared_hits": 0,
+        "shared_writes": 0,
     }
     # the measured bytes per row are the formula: layers x 2 x kv heads x head dim x dtype bytes x prefix tokens
     assert c["bytes_per_row_measured"] == pytest.approx(c["bytes_per_row_formula"], rel=1e-9)

@@ -135,6 +135,39 @@ def test_store_spills_to_disk_over_budget(base, tmp_path):
     _same(ref, again)
 
 
+def test_shared_store_fills_once_per_node_and_other_stores_map_it(base, tmp_path):
+    """The trials of a search: one store writes each row's file, a second (another process) reads them."""
+    import fcntl
+
+    model, batch = _regression(base)
+    first = PrefixStore(max_bytes=1 << 30, shared_dir=str(tmp_path))
+    first.ensure_context("ctx")
+    model.prefix_store = first
+    ref = _step(model, batch)
+    assert first.stats["shared_writes"] == len(SMILES) and first.ram_bytes == 0  # files, not private RAM
+    second = PrefixStore(max_bytes=1 << 30, shared_dir=str(tmp_path))
+    second.ensure_context("ctx")
+    model.prefix_store = second
+    again = _step(model, batch)
+    assert again[2]["computed_rows"] == 0 and second.stats["shared_hits"] == len(SMILES)
+    assert second.stats["shared_writes"] == 0 and second.bytes_per_row() > 0
+    _same(ref, again)
+    first.clear()  # a store leaving does not delete what the others map
+    other = PrefixStore(shared_dir=str(tmp_path))
+    other.ensure_context("other-frozen-tags")  # a different context never sees these rows
+    model.prefix_store = other
+    assert _step(model, batch)[2]["computed_rows"] == len(SMILES)
+    model.prefix_store = PrefixStore(shared_dir=str(tmp_path))
+    model.prefix_store.ensure_context("ctx")
+    assert _step(model, batch)[2]["computed_rows"] == 0
+    # fill_lock is exclusive across open files (processes): a second locker would wait
+    with second.fill_lock(), open(tmp_path / "ctx" / ".lock") as f:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "ctx" / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+
+
 def test_duplicate_prefixes_in_a_batch_are_computed_once(base):
     """Ensemble members and repeated rows share one prefix computation."""
     model, batch = _regression(base)

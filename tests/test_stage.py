@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,10 @@ def test_rerun_skips_finished_stages(three_stages):
     assert all(done for _, _, done in plan(cfg))
     res = run_pipeline(cfg)
     assert all(r.get("skipped") for r in res.values())
+    # a subset run leaves the run folder's summary describing every current stage, in pipeline order
+    assert list(run_pipeline(cfg, only=["cross"])) == ["cross"]
+    summary = json.loads((Path(cfg.run_dir()) / "summary.json").read_text())
+    assert list(summary) == ["domain", "single", "cross"] and summary["single"]["kept_step"]
 
 
 def test_resume_from_checkpoint_continues_the_run(tiny_llama, tmp_path):
@@ -256,3 +261,16 @@ def test_pipeline_publishes_its_last_stage_to_the_registry(three_stages, tiny_ll
     pred = Predictor.from_registry(tiny_llama, registry)
     (out,) = pred.predict([{"tag": "<QED>", "inputs": {"smiles": "CCO"}}])
     assert out["tagset"] == "t" and isinstance(out["prediction"], float)
+
+
+def test_stage_hash_ignores_execution_only_keys():
+    """Sharing the prefix store cannot change an artifact, so it does not re-run finished stages."""
+    from dataclasses import replace
+
+    from tagray.config import stage_hash
+
+    cfg = pipeline("unused", "out")
+    st = cfg.stages[1]
+    shared = replace(st, train=replace(st.train, prefix_cache_shared="auto"))
+    other_lr = replace(st, train=replace(st.train, lr=st.train.lr * 2))
+    assert stage_hash(cfg, shared) == stage_hash(cfg, st) != stage_hash(cfg, other_lr)

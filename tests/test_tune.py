@@ -67,6 +67,8 @@ def test_defaults_one_search_per_task(tmp_path):
     for s in searches:
         assert s.name.startswith(f"single-{s.task}-") and len(s.stage.tasks) == 1
         assert s.evals == 4 and s.init_from is None and s.stage.train.select_metric == "val_loss"
+        assert s.stage.train.prefix_cache_shared == "auto"  # the trials share one prefix set per node
+    assert cfg.stages[-1].train.prefix_cache_shared == "search"  # a plain stage keeps its own store
 
 
 def test_task_subset_metric_placeholder_and_asha_budget(tmp_path):

@@ -21,6 +21,8 @@ summation order. Pure torch + transformers; no Ray here.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import os
@@ -206,31 +208,68 @@ class PrefixStore:
         dtype: storage dtype. ``float32`` (default on CPU) keeps the split exact; ``bfloat16`` halves the
             memory at a small numerical cost (values are cast back to the compute dtype when used).
         spill_dir: folder for rows over the RAM budget (``"auto"``: a temporary folder).
+        shared_dir: a node-local folder several processes share (the trials of a search): every row is
+            a content-addressed ``.npy`` file under ``shared_dir/<context>/``, written once (atomic rename)
+            and memory-mapped by every process, so the node's page cache holds one copy of each prefix
+            however many trials read it. ``"auto"``: :func:`shared_root`. The RAM budget does not apply to
+            it; :meth:`fill_lock` lets the first process fill the rows while the others wait and then read.
         context: fingerprint of everything the keys/values depend on besides the row (base weights,
             frozen tag values, span isolation, compute dtype); :meth:`ensure_context` clears the store
             when it changes.
     """
 
     def __init__(
-        self, max_bytes: int = 2 << 30, dtype: torch.dtype = torch.float32, spill_dir: str | None = None
+        self,
+        max_bytes: int = 2 << 30,
+        dtype: torch.dtype = torch.float32,
+        spill_dir: str | None = None,
+        shared_dir: str | None = None,
     ):
         self.max_bytes = int(max_bytes)
         self.dtype = dtype
         self.spill_dir = tempfile.mkdtemp(prefix="tagray-prefix-") if spill_dir == "auto" else spill_dir
+        self.shared_root = shared_root() if shared_dir == "auto" else shared_dir
+        self.shared: str | None = None  # shared_root/<context>, set by ensure_context
         self.ram: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.disk: dict[str, str] = {}
         self.ram_bytes = 0
         self.context: str | None = None
-        self.stats = {"hits": 0, "misses": 0, "spilled": 0, "evicted": 0}
+        self.stats = {
+            "hits": 0,
+            "misses": 0,
+            "spilled": 0,
+            "evicted": 0,
+            "shared_hits": 0,
+            "shared_writes": 0,
+        }
 
     def ensure_context(self, context: str) -> None:
         if context != self.context:
             self.clear()
             self.context = context
+            if self.shared_root:
+                self.shared = os.path.join(self.shared_root, context)
+                os.makedirs(self.shared, exist_ok=True)
+
+    @contextlib.contextmanager
+    def fill_lock(self):
+        """Exclusive per-context lock while this process fills rows (a no-op without ``shared_dir``): the
+        first trial on a node computes the prefixes, the others block here and then find every row."""
+        if not self.shared:
+            yield
+            return
+        with open(os.path.join(self.shared, ".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def clear(self) -> None:
         self.ram.clear()
         for p in self.disk.values():
+            if self.shared and p.startswith(self.shared):
+                continue  # other processes map it
             try:
                 os.remove(p)
             except OSError:
@@ -251,6 +290,9 @@ class PrefixStore:
             self.stats["hits"] += 1
             return t
         path = self.disk.get(key)
+        if path is None and self.shared and os.path.exists(q := os.path.join(self.shared, key + ".npy")):
+            path = self.disk[key] = q  # another process wrote it
+            self.stats["shared_hits"] += 1
         if path is not None:
             self.stats["hits"] += 1
             with warnings.catch_warnings():  # read-only map: the rows are only ever copied from
@@ -262,6 +304,16 @@ class PrefixStore:
 
     def put(self, key: str, value: torch.Tensor) -> None:
         v = value.detach().to("cpu", self.dtype).contiguous()
+        if self.shared:  # one file per row for the whole node, read back through the page cache
+            path = os.path.join(self.shared, key + ".npy")
+            if not os.path.exists(path):
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+                    np.save(f, (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy())
+                os.replace(tmp, path)  # atomic: a reader sees the whole row or none
+                self.stats["shared_writes"] += 1
+            self.disk[key] = path
+            return
         nbytes = v.numel() * v.element_size()
         while self.ram and self.ram_bytes + nbytes > self.max_bytes:
             old, t = self.ram.popitem(last=False)
@@ -285,7 +337,21 @@ class PrefixStore:
         self.stats["spilled"] += 1
 
     def bytes_per_row(self) -> float:
+        if not self.ram and self.disk:  # all rows in files (shared or spilled): their mean size (<= 64)
+            paths = list(self.disk.values())[:64]
+            return sum(os.path.getsize(q) for q in paths) / len(paths)
         return self.ram_bytes / max(1, len(self.ram))
+
+
+def shared_root() -> str:
+    """The node's shared prefix folder: ``$TAGRAY_PREFIX_SHARED``, else ``/dev/shm/tagray-prefix`` (RAM-backed,
+    like Ray's object store) where ``/dev/shm`` is writable, else ``<tmp>/tagray-prefix``."""
+    env = os.environ.get("TAGRAY_PREFIX_SHARED")
+    if env:
+        return env
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm/tagray-prefix"
+    return os.path.join(tempfile.gettempdir(), "tagray-prefix")
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:

@@ -96,6 +96,8 @@ def plan_searches(cfg: PipelineConfig, ts: TuneSettings) -> list[Search]:
     if unknown:
         raise ConfigError("tune.tasks", f"{unknown} not in stage {stage.name!r}; its tasks: {list(entries)}")
     tr = stage.train
+    if tr.prefix_cache_shared == "search":  # trials differ only in the function tag: one prefix set per node
+        tr = replace(tr, prefix_cache_shared="auto")
     if ts.asha and ts.asha["max_t"]:
         tr = replace(tr, max_steps=ts.asha["max_t"] * tr.eval_every)  # ASHA's budget = the trial's length
     evals = math.ceil(tr.max_steps / tr.eval_every)

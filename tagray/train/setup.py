@@ -9,6 +9,7 @@ different parameters, so each group keeps its own best validation step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -153,8 +154,11 @@ def _groups(tasks: list[TaskData], train_tags: set[str], train_heads: set[str]) 
 def _store(cfg, device) -> PrefixStore | None:
     if cfg.prefix == "off":
         return None
-    spill = cfg.prefix_cache_spill
-    return PrefixStore(int(cfg.prefix_cache_gb * 2**30), DTYPES[cfg.prefix_cache_dtype], spill_dir=spill)
+    spill, shared = cfg.prefix_cache_spill, cfg.prefix_cache_shared
+    shared = None if shared in ("search", "off") else shared  # search: the planner turns it to auto
+    return PrefixStore(
+        int(cfg.prefix_cache_gb * 2**30), DTYPES[cfg.prefix_cache_dtype], spill_dir=spill, shared_dir=shared
+    )
 
 
 def store_context(model: TagLLM, base: Base, dtype: torch.dtype) -> str:
@@ -227,7 +231,8 @@ def build_setup(job: StageJob, base: Base | None = None, device: torch.device | 
     task_specs.update({td.spec.name: td.spec.to_json() for td in tasks + eval_tasks})
     setup = Setup(model, base, tasks, eval_tasks, prev, info, train_tags, train_heads, task_specs, cfg)
     setup.groups = _groups(tasks, train_tags, train_heads)
-    init_heads(setup, device)
+    with model.prefix_store.fill_lock() if model.prefix_store is not None else contextlib.nullcontext():
+        init_heads(setup, device)  # the probe pass fills the store: with a shared one, once per node
     return setup
 
 
