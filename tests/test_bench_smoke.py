@@ -111,6 +111,7 @@ def test_train_vs_peft_smoke(tmp_path, capsys):
     assert "| tagray cache reuse |" in doc.read_text() and "old" not in doc.read_text()
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers: the integration tier
 def test_gpu_bench_smoke_on_a_bare_machine(tmp_path):
     out = tmp_path / "gpu_bench.json"
     env = {**os.environ, "PYTHONPATH": ""}

@@ -202,6 +202,7 @@ def runs(tmp_path_factory):
     return ranks, art, init
 
 
+@pytest.mark.slow  # two spawned gloo ranks (~8 s): the integration tier
 def test_fsdp_artifact_matches_ddp(runs):
     ranks, art, init = runs
     for r in range(WORLD):
@@ -212,6 +213,7 @@ def test_fsdp_artifact_matches_ddp(runs):
     assert float((art["fsdp"][0]["tags"] - init["Q"]).abs().max()) > 1e-3  # it did train
 
 
+@pytest.mark.slow  # two spawned gloo ranks (~8 s): the integration tier
 def test_fsdp_evaluation_through_the_wrapped_model_matches_ddp(runs):
     ranks = runs[0]
     ddp, fsdp = ranks[0]["ddp"]["preds"], ranks[0]["fsdp"]["preds"]
@@ -220,6 +222,7 @@ def test_fsdp_evaluation_through_the_wrapped_model_matches_ddp(runs):
         assert fsdp[k] == pytest.approx(ddp[k], abs=1e-4)
 
 
+@pytest.mark.slow  # two spawned gloo ranks (~8 s): the integration tier
 def test_fsdp_ranks_hold_and_read_a_shard_of_the_base(runs):
     ranks = runs[0]
     for r in ranks:
@@ -228,6 +231,7 @@ def test_fsdp_ranks_hold_and_read_a_shard_of_the_base(runs):
         assert f["read"] * 4 <= 0.6 * f["full_bytes"]  # fp32 elements read from the checkpoint
 
 
+@pytest.mark.slow  # two spawned gloo ranks (~8 s): the integration tier
 def test_fsdp_ranks_agree_on_the_split(runs):
     ranks = runs[0]
     assert ranks[0]["ddp"]["mixed_split"] > 0 and ranks[1]["ddp"]["mixed_split"] == 0  # DDP: each its own

@@ -197,6 +197,7 @@ def test_moses_source_samples_deterministically_in_bounded_memory():
         assert e.value.field == field
 
 
+@pytest.mark.slow  # reads the real MOSES training set (1.58 M SMILES)
 def test_moses_tasks_train_on_real_data_sizes():
     for name, fn in [("qed_moses", qed), ("logp_moses", logp)]:
         spec = load_task(name)
