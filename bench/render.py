@@ -109,6 +109,7 @@ def _demo(d: dict) -> str:
             untagged = m.get("untagged_loss") if key == "loss" else None
             kept = r.get("kept_step", {}).get(task, "-")
             rows.append([stage, task, f"{key}", s0, val, kept, ref, untagged])
+    took = ", ".join(f"{st} {fmt(r['seconds'] / 60, 3)}" for st, r in d.items() if r.get("seconds"))
     return table(
         [
             "stage",
@@ -121,7 +122,7 @@ def _demo(d: dict) -> str:
             "untagged prompt LM loss",
         ],
         rows,
-    )
+    ) + (f"\n\nStage wall time (minutes, setup to test metrics): {took}." if took else "")
 
 
 def _curves(d: dict) -> str:
@@ -141,7 +142,29 @@ def _curves(d: dict) -> str:
     return "\n".join(out).rstrip()
 
 
+def _search(d: dict) -> str:
+    """``search_bench.json``: seconds per trial of each variant, the totals and the speed-ups."""
+    c, secs = d["config"], d["seconds_per_trial"]
+    variants = list(secs)
+    rows = [
+        [f"p={p}, lr={lr:g}", *[f"{secs[v][i]:.1f}" for v in variants]] for i, (p, lr) in enumerate(c["grid"])
+    ]
+    rows.append(["**total**", *[f"{d['total_s'][v]:.1f}" for v in variants]])
+    met = "met" if d["speedup_shared_vs_own"] >= 3 else "missed"
+    ratios = [f"shared vs own: **{d['speedup_shared_vs_own']:.2f}x** (issue 10's target, 3x: {met})"]
+    if "speedup_shared_vs_off" in d:
+        ratios.append(f"shared vs off: **{d['speedup_shared_vs_off']:.2f}x**")
+    same = "identical" if d.get("same_results") else "**not identical**"
+    return (
+        table(["trial (seconds)", *variants], rows)
+        + f"\n\n{'; '.join(ratios)}. Kept states' test losses {same} across variants. "
+        + f"{c['trials']} trials of `{c['task']}` on {c['base']}, {c['rows']} training rows, {c['epochs']:g} "
+        + f"epoch(s), {c['threads']} threads; peak RSS {d['peak_rss_bytes'] / 2**30:.1f} GiB."
+    )
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "search-bench": ("search_bench.json", _search),
     "demo-curves": ("demo_curves.json", _curves),
     "demo-results": ("demo_summary.json", _demo),
     "diagnose-varpro": ("diagnose.json", _varpro),

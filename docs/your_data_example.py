@@ -173,7 +173,15 @@ def _tagllm(results: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     took = results.get("train", {}).get("seconds")
     note = f"; training took {took / 60:.0f} min" if took else ""
-    return "\n".join(lines) + f"\n\n{ev.get('n', '?')} test rows{note}."
+    verdict = ""
+    if base and ev.get("mse") is not None:
+        best = base["models"][base["best"]]["test"].get("mse")
+        if best is not None:
+            who = "the tag beats" if ev["mse"] < best else "the tag loses to"
+            verdict = (
+                f" On test MSE {who} the best expert baseline at this budget (issue 9 tracks the recipe)."
+            )
+    return "\n".join(lines) + f"\n\n{ev.get('n', '?')} test rows{note}.{verdict}"
 
 
 def _served(results: dict) -> str:

@@ -125,6 +125,7 @@ def _stage_result(job: StageJob) -> dict:
         "kept_step": {t: m.get("kept_step") for t, m in mine.items() if "kept_step" in m},
         "step0": {t: m.get("step0", {}) for t, m in mine.items() if "step0" in m},
         "baselines": {t: m["baselines"] for t, m in mine.items() if "baselines" in m},
+        "seconds": ts.meta.get("seconds"),
     }
 
 

@@ -17,6 +17,8 @@ from tagray.tasks.features import composition, descriptor_names, excluded_descri
 from tagray.tasks.sources import modlamp_peptides, rdkit_nci
 from tagray.tasks.spec import load_task, parse_task
 
+from .factories import stage_dict, tiny_pipeline
+
 SMALL = {"train": 240, "valid": 60, "test": 80}
 
 
@@ -126,20 +128,16 @@ def test_lm_tasks_have_no_baselines():
 def test_stage_records_baselines_beside_the_tag_when_asked(tiny_llama, tmp_path):
     """#14.2: ``train.baselines: true`` fits the expert models on the stage's own split; the artifact, the
     pipeline summary and its printed table carry them."""
-    from tagray.config import parse_pipeline
     from tagray.core.artifacts import load_tagset
     from tagray.pipeline import format_results, plan
     from tagray.train import Runtime, run_stage
 
-    cfg = parse_pipeline(
-        {
-            "name": "b",
-            "output": str(tmp_path),
-            "train": {"max_steps": 1, "eval_every": 1, "batch_size": 4, "tag_length": 2, "baselines": True},
-            "stages": [
-                {"name": "s", "tasks": [{"task": "qed", "limits": {"train": 40, "valid": 10, "test": 10}}]}
-            ],
-        }
+    cfg = tiny_pipeline(
+        output=str(tmp_path),
+        name="b",
+        train={"max_steps": 1, "eval_every": 1, "batch_size": 4, "tag_length": 2, "baselines": True},
+        tiny_train=False,
+        stages=[stage_dict("s", "qed", limits={"train": 40, "valid": 10, "test": 10})],
     )
     job, _, _ = plan(cfg)[0]
     run_stage(job, Runtime(), base=tiny_llama)

@@ -10,6 +10,8 @@ import pytest
 
 from tagray.cli import build_parser, main
 
+from .factories import tiny_pipeline
+
 
 def run(*args):
     return subprocess.run(
@@ -80,30 +82,10 @@ def test_console_script_runs():
 @pytest.fixture(scope="module")
 def tiny_tagset(tiny_base_dir, tmp_path_factory):
     """A two-stage tag set on the tiny base (saved folder), trained for two steps."""
-    from tagray.config import parse_pipeline
     from tagray.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("cli-runs")
-    small = {"train": 16, "valid": 4, "test": 4}
-    cfg = parse_pipeline(
-        {
-            "name": "cli",
-            "base": tiny_base_dir,
-            "output": str(out),
-            "train": {
-                "max_steps": 2,
-                "eval_every": 2,
-                "batch_size": 2,
-                "eval_rows": 4,
-                "tag_length": 2,
-                "probe_rows": 8,
-            },
-            "stages": [
-                {"name": "domain", "tasks": [{"task": "smiles_lm", "limits": small}]},
-                {"name": "single", "tasks": [{"task": "qed", "limits": small}]},
-            ],
-        }
-    )
+    cfg = tiny_pipeline(tiny_base_dir, str(out), name="cli")
     return run_pipeline(cfg)["single"]["path"]
 
 

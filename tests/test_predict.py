@@ -25,6 +25,8 @@ from tagray.core.weights import export_state, import_state
 from tagray.serving import Predictor
 from tagray.tasks.spec import load_task
 
+from .factories import stage_dict, tiny_pipeline
+
 SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C"]
 PEPTIDES = ["GLFDIVKKVVGALGSL", "KWKLFKKIEKVGQNIRDGIIKAGPAVAVVGQATQIAK"]
 
@@ -117,19 +119,14 @@ def qed(smiles: str, **kw) -> dict:
 
 def test_matches_the_training_path(tiny_llama):
     """A tag set from the real stage code predicts exactly what the training model predicts."""
-    from tagray.config import parse_pipeline
     from tagray.train import StageJob, build_setup
     from tagray.train.batches import encode_rows, make_batch
     from tagray.train.checkpoint import current_tagset
 
-    cfg = parse_pipeline(
-        {
-            "name": "t",
-            "train": {"tag_length": 3, "max_steps": 1},
-            "stages": [
-                {"name": "s1", "tasks": [{"task": "qed", "limits": {"train": 32, "valid": 8, "test": 8}}]}
-            ],
-        }
+    cfg = tiny_pipeline(
+        train={"tag_length": 3, "max_steps": 1},
+        tiny_train=False,
+        stages=[stage_dict("s1", "qed", limits={"train": 32, "valid": 8, "test": 8})],
     )
     setup = build_setup(StageJob(cfg.stages[0]), tiny_llama)
     with torch.no_grad():  # make the tags differ from their (identical) init

@@ -14,44 +14,35 @@ from tagray.core.errors import ConfigError
 from tagray.pipeline import plan, run_pipeline
 from tagray.train import Runtime, StageJob, run_stage
 
+from .factories import stage_dict, tiny_pipeline
+
 SMALL = {"train": 24, "valid": 8, "test": 8}
 
 
 def pipeline(base_dir, out, **train):
-    return parse_pipeline(
-        {
-            "name": "t",
-            "base": base_dir,
-            "output": str(out),
-            "train": {
-                "max_steps": 3,
-                "eval_every": 3,
-                "batch_size": 4,
-                "eval_rows": 8,
-                "tag_length": 2,
-                "lr": 1e-2,
-                "probe_rows": 16,
-                **train,
-            },
-            "stages": [
-                {
-                    "name": "domain",
-                    "tasks": [
-                        {"task": "smiles_lm", "limits": SMALL},
-                        {"task": "protein_lm", "limits": SMALL},
-                    ],
-                },
-                {
-                    "name": "single",
-                    "tasks": [{"task": "qed", "limits": SMALL}, {"task": "amp", "limits": SMALL}],
-                },
-                {
-                    "name": "cross",
-                    "tasks": [{"task": "tanimoto", "limits": SMALL}, {"task": "translate", "limits": SMALL}],
-                    "train_tags": ["<Similarity>", "<Translate>", "<EN>", "<FR>", "<DE>", "<ES>"],
-                },
-            ],
-        }
+    return tiny_pipeline(
+        base_dir,
+        str(out),
+        train={
+            "max_steps": 3,
+            "eval_every": 3,
+            "batch_size": 4,
+            "eval_rows": 8,
+            "lr": 1e-2,
+            "probe_rows": 16,
+            **train,
+        },
+        stages=[
+            stage_dict("domain", "smiles_lm", "protein_lm", limits=SMALL),
+            stage_dict("single", "qed", "amp", limits=SMALL),
+            stage_dict(
+                "cross",
+                "tanimoto",
+                "translate",
+                limits=SMALL,
+                train_tags=["<Similarity>", "<Translate>", "<EN>", "<FR>", "<DE>", "<ES>"],
+            ),
+        ],
     )
 
 
@@ -209,12 +200,11 @@ def test_stage_config_errors_name_the_key(tiny_llama):
 
 def test_untrained_tags_stay_at_init_while_the_head_trains(tiny_llama, tmp_path):
     def stage(**extra):
-        return parse_pipeline(
-            {
-                "name": "x",
-                "train": {"max_steps": 3, "eval_every": 3, "batch_size": 4, "eval_rows": 8, "tag_length": 1},
-                "stages": [{"name": "s", "tasks": [{"task": "qed", "limits": SMALL}], **extra}],
-            }
+        return tiny_pipeline(
+            name="x",
+            train={"max_steps": 3, "eval_every": 3, "batch_size": 4, "eval_rows": 8, "tag_length": 1},
+            tiny_train=False,
+            stages=[stage_dict("s", "qed", limits=SMALL, **extra)],
         ).stages[0]
 
     ck = tmp_path / "ck"  # the last step's state (the returned tag set is the best one, maybe step 0's)

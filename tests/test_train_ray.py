@@ -19,42 +19,28 @@ import psutil
 import pytest
 import torch
 
-from tagray.config import parse_pipeline
 from tagray.core.artifacts import load_tagset
 from tagray.core.errors import ConfigError
 from tagray.pipeline import plan, run_pipeline
 from tagray.ray import storage
 from tagray.ray.train import fit_stage
 
+from . import factories
 from .conftest import free_port
 from .hooks import fail_at_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-SMALL = {"train": 16, "valid": 4, "test": 4}
 slow = pytest.mark.slow
 
 
 def tiny_pipeline(base_dir, output, **scaling):
-    return parse_pipeline(
-        {
-            "name": "raytest",
-            "base": base_dir,
-            "output": output,
-            "train": {
-                "max_steps": 4,
-                "eval_every": 2,
-                "batch_size": 2,
-                "eval_rows": 4,
-                "tag_length": 2,
-                "probe_rows": 8,
-            },
-            "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2, **scaling},
-            "stages": [
-                {"name": "domain", "tasks": [{"task": "smiles_lm", "limits": SMALL}]},
-                {"name": "single", "tasks": [{"task": "qed", "limits": SMALL}]},
-            ],
-        }
+    return factories.tiny_pipeline(
+        base_dir,
+        output,
+        name="raytest",
+        train={"max_steps": 4},
+        scaling={"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2, **scaling},
     )
 
 

@@ -25,32 +25,28 @@ from tagray.core.errors import ConfigError
 from tagray.search import plan, report
 from tagray.search import settings as st
 
+from .factories import stage_dict, tiny_pipeline_dict
+
 LIMITS = {"train": 32, "valid": 8, "test": 8}
 
 
 def raw_config(tmp, base="/nonexistent-base", **tune) -> dict:
-    return {
-        "name": "tt",
-        "base": base,
-        "output": str(tmp / "runs"),
-        "train": {"max_steps": 8, "eval_every": 2, "batch_size": 4, "eval_rows": 8},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.9},
-        "stages": [
-            {
-                "name": "single",
-                "tasks": [{"task": "qed", "limits": LIMITS}, {"task": "logp", "limits": LIMITS}],
-            }
-        ],
-        "tune": tune,
-    }
+    return tiny_pipeline_dict(
+        base,
+        str(tmp / "runs"),
+        name="tt",
+        train={"max_steps": 8, "eval_every": 2, "batch_size": 4, "eval_rows": 8},
+        tiny_train=False,
+        scaling={"num_workers": 1, "cpus_per_worker": 0.9},
+        stages=[stage_dict("single", "qed", "logp", limits=LIMITS)],
+        tune=tune,
+    )
 
 
 def two_stages(tmp, **single) -> dict:
     """A domain stage, then the searched single stage (starting from the domain tags by default)."""
     raw = raw_config(tmp)
-    raw["stages"] = [{"name": "domain", "tasks": [{"task": "smiles_lm", "limits": LIMITS}]}] + [
-        {**raw["stages"][0], **single}
-    ]
+    raw["stages"] = [stage_dict("domain", "smiles_lm", limits=LIMITS), {**raw["stages"][0], **single}]
     return raw
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tagray.config import parse_pipeline
 from tagray.train import Runtime, StageJob, run_stage
 from tagray.train.varpro import loo_ridge_loss
+
+from .factories import stage_dict, tiny_pipeline
 
 
 def brute_force_loo(z: torch.Tensor, t: torch.Tensor, lam: float) -> float:
@@ -44,24 +45,21 @@ def test_loo_loss_gradient_is_finite_and_points_downhill():
 
 
 def test_varpro_stage_trains_the_tag_and_refits_the_head(tiny_llama):
-    cfg = parse_pipeline(
-        {
-            "name": "x",
-            "train": {
-                "head_mode": "varpro",
-                "optimizer": "ngd",
-                "lr": 1e-2,
-                "max_steps": 3,
-                "eval_every": 1,
-                "batch_size": 4,
-                "grad_accum": 2,
-                "eval_rows": 8,
-                "tag_length": 2,
-            },
-            "stages": [
-                {"name": "s", "tasks": [{"task": "qed", "limits": {"train": 24, "valid": 8, "test": 8}}]}
-            ],
-        }
+    cfg = tiny_pipeline(
+        name="x",
+        train={
+            "head_mode": "varpro",
+            "optimizer": "ngd",
+            "lr": 1e-2,
+            "max_steps": 3,
+            "eval_every": 1,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "eval_rows": 8,
+            "tag_length": 2,
+        },
+        tiny_train=False,
+        stages=[stage_dict("s", "qed", limits={"train": 24, "valid": 8, "test": 8})],
     )
     rt = Runtime()
     ts, _ = run_stage(StageJob(stage=cfg.stages[0]), rt, base=tiny_llama)

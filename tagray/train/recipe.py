@@ -7,6 +7,7 @@ stages differ only in their data (:class:`~tagray.config.StageConfig`), never in
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import asdict
 
 import torch
@@ -44,6 +45,7 @@ def run_stage(
     job: StageJob, runtime: Runtime | None = None, base: Base | None = None, config_hash: str | None = None
 ) -> tuple[TagSet, dict]:
     """Train one stage; returns the final tag set (each group's best validation state) and test metrics."""
+    t0 = time.time()
     rt = runtime or Runtime()
     cfg = job.stage.train
     torch.manual_seed(cfg.seed)
@@ -106,6 +108,9 @@ def run_stage(
         "tasks": [td.spec.name for td in setup.tasks],
         "config_hash": config_hash,
         "resumed_from_step": tr.state.resumed_from_step,
+        "seconds": round(
+            time.time() - t0, 1
+        ),  # this worker's wall time: setup, training, test (a resumed run: since resuming)
         "probe": setup.probe,
         "prefix_cache": {"rows": len(store), "bytes_per_row": store.bytes_per_row(), **store.stats}
         if store

@@ -17,14 +17,15 @@ import sys
 import ray
 from ray.cluster_utils import Cluster
 
+# the repository root: tagray (when not installed) and the tests package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tagray.config import parse_pipeline  # noqa: E402
 from tagray.core.errors import ConfigError  # noqa: E402
 from tagray.pipeline import plan, run_pipeline  # noqa: E402
 from tagray.ray import train  # noqa: E402
 from tagray.ray.storage import require_shared_storage  # noqa: E402
 from tagray.ray.train import RayExecutor, fit_stage  # noqa: E402
 from tagray.util import worker_env  # noqa: E402
+from tests.factories import stage_dict, tiny_pipeline  # noqa: E402
 
 # pickled by value (tests.hooks registers itself): the workers need no tests package
 from tests.hooks import node_log  # noqa: E402
@@ -34,24 +35,12 @@ nodes_dir = os.path.join(local_dir, "nodes")  # the hook's own record; every sim
 
 
 def pipeline(output: str):
-    return parse_pipeline(
-        {
-            "name": "multinode",
-            "base": base_dir,
-            "output": output,
-            "train": {
-                "max_steps": 2,
-                "eval_every": 2,
-                "batch_size": 2,
-                "eval_rows": 4,
-                "tag_length": 2,
-                "probe_rows": 8,
-            },
-            "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD"},
-            "stages": [
-                {"name": "single", "tasks": [{"task": "qed", "limits": {"train": 16, "valid": 4, "test": 4}}]}
-            ],
-        }
+    return tiny_pipeline(
+        base_dir,
+        output,
+        name="multinode",
+        scaling={"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD"},
+        stages=[stage_dict("single", "qed")],
     )
 
 
