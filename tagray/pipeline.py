@@ -58,7 +58,7 @@ def plan(cfg: PipelineConfig, only: list[str] | None = None) -> list[tuple[Stage
         init = initial_tags(cfg, st)
         h = stage_hash(cfg, st)
         dest = f"{run_dir}/{st.name}"
-        done = is_tagset(dest) and load_tagset(dest).meta.get("config_hash") == h
+        done = _current(dest, h)
         job = StageJob(
             stage=st, base=cfg.base, dtype=cfg.dtype, init_from=init, output=dest, run_name=f"{cfg.name}-{h}"
         )
@@ -101,6 +101,11 @@ def run_pipeline(
     return results
 
 
+def _current(dest: str, h: str) -> bool:
+    """Whether ``dest`` holds the artifact of the stage config hashed ``h`` (so the stage is done)."""
+    return is_tagset(dest) and load_tagset(dest).meta.get("config_hash") == h
+
+
 def _with_current_stages(cfg: PipelineConfig, run_dir: str, results: dict) -> dict:
     """``results`` plus, for a ``--stages`` subset, every other stage whose artifact matches the config, in
     pipeline order: the run folder's summary describes all of it, not only the stages run last."""
@@ -109,7 +114,7 @@ def _with_current_stages(cfg: PipelineConfig, run_dir: str, results: dict) -> di
         dest = f"{run_dir}/{st.name}"
         if st.name in results:
             out[st.name] = results[st.name]
-        elif is_tagset(dest) and load_tagset(dest).meta.get("config_hash") == stage_hash(cfg, st):
+        elif _current(dest, stage_hash(cfg, st)):
             out[st.name] = {**_stage_result(StageJob(stage=st, output=dest)), "skipped": True}
     return out
 

@@ -307,10 +307,7 @@ class PrefixStore:
         if self.shared:  # one file per row for the whole node, read back through the page cache
             path = os.path.join(self.shared, key + ".npy")
             if not os.path.exists(path):
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
-                    np.save(f, (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy())
-                os.replace(tmp, path)  # atomic: a reader sees the whole row or none
+                _save_row(path, v)
                 self.stats["shared_writes"] += 1
             self.disk[key] = path
             return
@@ -331,8 +328,7 @@ class PrefixStore:
     def _spill(self, key: str, t: torch.Tensor) -> None:
         os.makedirs(self.spill_dir, exist_ok=True)
         path = os.path.join(self.spill_dir, key + ".npy")
-        arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-        np.save(path, arr)
+        _save_row(path, t)
         self.disk[key] = path
         self.stats["spilled"] += 1
 
@@ -341,6 +337,15 @@ class PrefixStore:
             paths = list(self.disk.values())[:64]
             return sum(os.path.getsize(q) for q in paths) / len(paths)
         return self.ram_bytes / max(1, len(self.ram))
+
+
+def _save_row(path: str, t: torch.Tensor) -> None:
+    """One row as ``.npy`` (bf16 stored as its int16 bits), written to a temporary name and renamed: atomic,
+    so a process reading a shared folder sees the whole row or none."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
+    os.replace(tmp, path)
 
 
 def shared_root() -> str:

@@ -108,9 +108,8 @@ def run_stage(
         "tasks": [td.spec.name for td in setup.tasks],
         "config_hash": config_hash,
         "resumed_from_step": tr.state.resumed_from_step,
-        "seconds": round(
-            time.time() - t0, 1
-        ),  # this worker's wall time: setup, training, test (a resumed run: since resuming)
+        # this worker's wall time: setup, training, test (a resumed run: since resuming)
+        "seconds": round(time.time() - t0, 1),
         "probe": setup.probe,
         "prefix_cache": {"rows": len(store), "bytes_per_row": store.bytes_per_row(), **store.stats}
         if store
