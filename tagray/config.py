@@ -46,6 +46,11 @@ class TrainConfig:
     """Domain tags and their data spans do not attend to the prompt before the tag."""
     grad_clip: float = 1.0
     log_every: int = 10
+    """Optimizer steps between progress lines (a line also comes when ``progress_s`` have passed)."""
+    progress_s: float = 30.0
+    """Seconds between progress lines (with an ETA) of every long loop of a stage: steps, the data and
+    probe passes of the setup, varpro's passes over a step's rows, evaluations, generation. 0: every
+    unit; a negative value: only the per-``log_every`` step lines. Not part of the stage's hash."""
     init_noise: float = 0.0
     """Relative noise added to the paper's mean-embedding init (0 = the paper's)."""
     head_init: str = "ridge"
@@ -126,6 +131,8 @@ class TrainConfig:
             raise ConfigError("prefix_cache_dtype", "use float32 or bfloat16")
         if not self.prefix_cache_gb >= 0:
             raise ConfigError("prefix_cache_gb", "must be >= 0")
+        if isinstance(self.progress_s, bool) or not isinstance(self.progress_s, (int, float)):
+            raise ConfigError("progress_s", "must be a number of seconds")
         if not self.prefix_cache_shared:
             raise ConfigError("prefix_cache_shared", "use search, auto, off or a folder")
 
@@ -319,7 +326,7 @@ def initial_tags(cfg: PipelineConfig, stage: StageConfig) -> str | None:
 
 # Train keys that cannot change an artifact, left out of its hash so that setting them (or a release adding
 # one) does not re-run finished stages: a shared prefix store holds the same keys/values as a private one.
-NOT_HASHED = ("prefix_cache_shared",)
+NOT_HASHED = ("prefix_cache_shared", "progress_s")  # how a stage runs or logs, not what it learns
 
 
 def stage_hash(cfg: PipelineConfig, stage: StageConfig) -> str:

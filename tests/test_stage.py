@@ -254,13 +254,14 @@ def test_pipeline_publishes_its_last_stage_to_the_registry(three_stages, tiny_ll
 
 
 def test_stage_hash_ignores_execution_only_keys():
-    """Sharing the prefix store cannot change an artifact, so it does not re-run finished stages."""
+    """Sharing the prefix store or logging more often cannot change an artifact, so neither re-runs
+    finished stages."""
     from dataclasses import replace
 
     from tagray.config import stage_hash
 
     cfg = pipeline("unused", "out")
     st = cfg.stages[1]
-    shared = replace(st, train=replace(st.train, prefix_cache_shared="auto"))
+    shared = replace(st, train=replace(st.train, prefix_cache_shared="auto", progress_s=5.0))
     other_lr = replace(st, train=replace(st.train, lr=st.train.lr * 2))
     assert stage_hash(cfg, shared) == stage_hash(cfg, st) != stage_hash(cfg, other_lr)

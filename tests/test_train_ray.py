@@ -341,7 +341,7 @@ def test_ray_job_submit_to_token_auth_head_keeps_secrets_out(tiny_base_dir, tmp_
         out = tmp_path / "runs"
         cmd = [f"{BIN}/ray", "job", "submit", "--address", url, "--working-dir", ".", "--"]
         cmd += ["python", "jobs/pipeline.py", "jobs/smoke.yaml", "--set", f"base={tiny_base_dir}"]
-        cmd += ["--set", f"output={out}"]
+        cmd += ["--set", f"output={out}", "--set", "train.progress_s=0"]  # every progress line, to check them
         t = time.time()
         sub = _submit(cmd, env)
         if sub.returncode != 0:  # the job's own traceback, untruncated
@@ -359,6 +359,9 @@ def test_ray_job_submit_to_token_auth_head_keeps_secrets_out(tiny_base_dir, tmp_
         assert any("jobs/pipeline.py" in j["entrypoint"] for j in info["jobs"]), "the job's info was read"
         assert any("RayTrainWorker" in str(a.get("class_name")) for a in info["actors"]), "and its workers'"
         assert secret not in dump.stdout, "a credential was copied into job metadata or a runtime_env"
+        logs = "\n".join(info["logs"])  # `ray job logs`: the workers' progress lines, with an ETA
+        assert re.search(r"stage single step 1/4 \(25%\).* ETA \d+m\d\ds", logs), logs[-3000:]
+        assert re.search(r"task qed: labelling train rows: \d+/32 rows \(\d+%\), ETA", logs), logs[-3000:]
 
         for home, expected in [
             (env["HOME"], "CONNECTED"),

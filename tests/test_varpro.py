@@ -55,7 +55,7 @@ def test_varpro_stage_trains_the_tag_and_refits_the_head(tiny_llama):
             "eval_every": 1,
             "batch_size": 4,
             "grad_accum": 2,
-            "eval_rows": 8,
+            "eval_rows": 20,
             "tag_length": 2,
         },
         tiny_train=False,
@@ -67,3 +67,89 @@ def test_varpro_stage_trains_the_tag_and_refits_the_head(tiny_llama):
     assert len(rt.reports) == 3 and all(x == x and x > 0 for x in train_losses), rt.reports  # LOO MSE
     assert ts.meta["probe"]["<QED>"]["rows"] == 24  # heads re-fitted on every training row
     assert ts.tags["<QED>"].shape[0] == 2
+
+
+def test_every_long_loop_of_a_stage_prints_progress_with_an_eta(tiny_llama, caplog):
+    """``progress_s: 0``: the data, probe, varpro, evaluation and step loops each print ``done/total``
+    lines with an ETA (issue 12: evaluations were silent for minutes); the default stays quiet on a tiny run."""
+    import logging
+
+    def stage(progress_s, limits):
+        train = {
+            "head_mode": "varpro",
+            "optimizer": "ngd",
+            "lr": 1e-2,
+            "max_steps": 2,
+            "eval_every": 2,
+            "batch_size": 40,
+            "eval_rows": 20,
+            "tag_length": 2,
+            "log_every": 100,
+            "progress_s": progress_s,
+        }
+        return tiny_pipeline(
+            name="p", train=train, tiny_train=False, stages=[stage_dict("s", "qed", limits=limits)]
+        ).stages[0]
+
+    with caplog.at_level(logging.INFO, logger="tagray"):
+        run_stage(
+            StageJob(stage=stage(0, {"train": 40, "valid": 20, "test": 20})), Runtime(), base=tiny_llama
+        )
+    lines = [r.getMessage() for r in caplog.records]
+    for what in (
+        "task qed: labelling train rows",
+        "qed head features (40 training rows)",
+        "varpro features (40 rows)",
+        "varpro gradient (40 rows)",
+        "valid evaluation of qed (20 rows)",
+        "test evaluation of qed (20 rows)",
+    ):
+        hits = [x for x in lines if what in x]
+        assert any("ETA" in x for x in hits), (what, lines)
+        assert any(" in 0m" in x for x in hits), (what, hits)  # and a closing line with the loop's time
+    assert any("step 1/2" in x and "ETA" in x for x in lines)  # a step line before log_every steps
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tagray"):
+        run_stage(
+            StageJob(stage=stage(30.0, {"train": 41, "valid": 20, "test": 20})), Runtime(), base=tiny_llama
+        )
+    assert not [r for r in caplog.records if "ETA" in r.getMessage() and "step" not in r.getMessage()]
+
+
+def test_feature_memo_skips_rereads_at_the_same_tags_with_the_same_results(tiny_llama, monkeypatch):
+    """The probe pass, the re-fit before each validation, a step's acceptance check and the next step's
+    first pass read the same rows at the same tags: the memo answers the repeats, and the stage ends
+    with the same tags, heads and test metrics as one that recomputes every read."""
+    from tagray.train.memo import FeatureMemo
+
+    def run():
+        cfg = tiny_pipeline(
+            name="m",
+            train={
+                "head_mode": "varpro",
+                "optimizer": "ngd",
+                "lr": 1e-2,
+                "max_steps": 3,
+                "eval_every": 3,
+                "batch_size": 24,
+                "eval_rows": 8,
+                "tag_length": 2,
+            },
+            tiny_train=False,
+            stages=[stage_dict("s", "qed", limits={"train": 24, "valid": 8, "test": 8})],
+        )
+        return run_stage(StageJob(stage=cfg.stages[0]), Runtime(), base=tiny_llama)
+
+    ts, test = run()
+    memo = ts.meta["feature_memo"]
+    # computed (24 rows each): the probe pass and each step's acceptance check (3); remembered: the step-0
+    # re-fit, each step's first pass (the check before it; an undone step's state is the one kept before)
+    # and the re-fit before the last validation
+    assert memo == {"hits": 24 * 5, "misses": 24 * 4}, memo
+    monkeypatch.setattr(FeatureMemo, "key", staticmethod(lambda model, autocast: None))  # memo off
+    ts_off, test_off = run()
+    assert ts_off.meta["feature_memo"]["hits"] == 0
+    for name, t in ts.tags.items():
+        torch.testing.assert_close(t, ts_off.tags[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ts.heads["<QED>"], ts_off.heads["<QED>"], rtol=1e-4, atol=1e-5)
+    assert abs(test["qed"]["mse"] - test_off["qed"]["mse"]) <= 1e-5 * max(1.0, test_off["qed"]["mse"])

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..core.errors import ConfigError, InputError
+from ..core.progress import Progress
 from ..core.template import template_tags
 from .labels import compute
 from .spec import TaskSpec
@@ -107,15 +108,16 @@ def _classes(spec: TaskSpec, rows: list[dict]) -> TaskSpec:
 _CACHE: dict[str, TaskData] = {}
 
 
-def build_task_data(spec: TaskSpec) -> TaskData:
-    """Rows of every split (cached per process by the task's content)."""
+def build_task_data(spec: TaskSpec, progress_s: float | None = None) -> TaskData:
+    """Rows of every split (cached per process by the task's content); a progress line every
+    ``progress_s`` seconds while rows are validated and labelled (None: silent)."""
     key = json.dumps(spec.raw, sort_keys=True, default=str)
     if key not in _CACHE:
-        _CACHE[key] = _build(spec)
+        _CACHE[key] = _build(spec, progress_s)
     return _CACHE[key]
 
 
-def _build(spec: TaskSpec) -> TaskData:
+def _build(spec: TaskSpec, progress_s: float | None = None) -> TaskData:
     rows = load_rows(spec)
     if not rows:
         raise ConfigError(f"task {spec.name}.source", "no rows")
@@ -142,6 +144,8 @@ def _build(spec: TaskSpec) -> TaskData:
     for s in SPLITS:
         limit = spec.limits.get(s)
         kept = []
+        total = min(limit, len(assigned.splits[s])) if limit else len(assigned.splits[s])
+        p = Progress(f"task {spec.name}: labelling {s} rows", total, progress_s, "rows")
         for r in assigned.splits[s]:
             if limit and len(kept) >= limit:
                 break
@@ -149,6 +153,8 @@ def _build(spec: TaskSpec) -> TaskData:
                 kept.append(prepare_row(spec, r))
             except InputError:
                 dropped += 1
+            p.update()
+        p.close()
         out[s] = kept
     if dropped:
         log.info("task %s: dropped %d rows with invalid fields or labels", spec.name, dropped)

@@ -16,17 +16,20 @@ import torch
 from ..core.data import collate, to_device
 from ..core.generate import greedy_generate
 from ..core.metrics import bleu, classification_metrics, lm_metrics, regression_metrics
+from ..core.progress import progress
 from ..tasks.dataset import TaskData
 from ..tasks.spec import TaskSpec
 from .batches import encode_rows, encoder_for, make_batch, sorted_batches
 from .setup import Setup
 
 
-def _score(setup: Setup, exs, rt, device, batch_size: int, autocast) -> dict:
+def _score(setup: Setup, exs, rt, device, batch_size: int, autocast, what: str = "scoring") -> dict:
     """Per-row loss, LM token counts and predictions of ``exs``, gathered from every rank."""
     model = setup.model
     mine = {"i": [], "loss": [], "ntok": [], "pred": [], "y": [], "probs": []}
-    for idx in sorted_batches(exs, batch_size, rt.rank, rt.world_size):
+    batches = sorted_batches(exs, batch_size, rt.rank, rt.world_size)
+    what = f"stage {setup.stage}: {what} ({len(exs)} rows)"
+    for idx in progress(batches, what, setup.cfg.progress_s, enabled=rt.rank == 0):
         batch = to_device(make_batch([exs[i] for i in idx], setup.head_names(), setup.pad_id), device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             out = model(batch)
@@ -66,7 +69,7 @@ def evaluate(
         exs = setup.examples(td, split, limit)
         if not exs:
             continue
-        r = _score(setup, exs, rt, device, batch_size, autocast)
+        r = _score(setup, exs, rt, device, batch_size, autocast, f"{split} evaluation of {td.spec.name}")
         m: dict = {"loss": sum(r["loss"]) / len(r["loss"]), "n": len(exs)}
         kind = td.spec.target.kind
         if kind == "regression":
@@ -81,13 +84,13 @@ def evaluate(
             tot = sum(lo * n for lo, n in zip(r["loss"], r["ntok"], strict=True))
             m.update(lm_metrics(tot, sum(r["ntok"])))
             if generate and "bleu" in td.spec.metrics:
-                m.update(_bleu(setup, td, split, limit, device, batch_size))
+                m.update(_bleu(setup, td, split, limit, device, batch_size, rt.rank == 0))
         results[td.spec.name] = m
     model.train(was)
     return results
 
 
-def _bleu(setup: Setup, td: TaskData, split: str, limit, device, batch_size: int) -> dict:
+def _bleu(setup: Setup, td: TaskData, split: str, limit, device, batch_size: int, log: bool = True) -> dict:
     rows = td.splits[split][:limit] if limit else td.splits[split]
     hyps = generate_text(
         setup.model,
@@ -97,6 +100,8 @@ def _bleu(setup: Setup, td: TaskData, split: str, limit, device, batch_size: int
         device,
         batch_size,
         td.spec.generate.get("max_new_tokens", 48),
+        progress_s=setup.cfg.progress_s if log else None,
+        what=f"stage {setup.stage}: {split} generation for {td.spec.name} ({len(rows)} rows)",
     )
     refs = [r[td.spec.target.field] for r in rows]
     out = bleu(hyps, refs)
@@ -117,13 +122,16 @@ def generate_text(
     batch_size: int = 16,
     max_new_tokens: int = 48,
     rename=None,
+    progress_s: float | None = None,
+    what: str = "generation",
 ) -> list[str]:
-    """Greedy generation of ``spec.target.field`` per row, under the training attention rules."""
+    """Greedy generation of ``spec.target.field`` per row, under the training attention rules
+    (a progress line every ``progress_s`` seconds; None: silent)."""
     enc = encoder_for(spec, tokenizer, model.tags, rename)
     encs = [enc.encode(r, with_target=False) for r in rows]
     order = sorted(range(len(encs)), key=lambda i: len(encs[i]))
     outs: dict[int, str] = {}
-    for s in range(0, len(order), batch_size):
+    for s in progress(range(0, len(order), batch_size), what, progress_s):
         idx = order[s : s + batch_size]
         batch = to_device(collate([encs[i] for i in idx], pad_id=tokenizer.pad_token_id), device)
         for i, ids in zip(
@@ -146,7 +154,9 @@ def lm_references(
     """
     tok = setup.base.tokenizer
     plain = encode_rows([td], tok, setup.model.tags, split, limit, drop_tags=True)
-    r = _score(setup, plain, rt, device, batch_size, None)
+    r = _score(
+        setup, plain, rt, device, batch_size, None, f"{split} untagged-prompt reference of {td.spec.name}"
+    )
     tot = sum(lo * n for lo, n in zip(r["loss"], r["ntok"], strict=True))
     out = {"untagged_loss": tot / max(1, sum(r["ntok"]))}
     counts = Counter(t for e in setup.examples(td, "train") for t in e.enc.labels if t != -100)

@@ -13,6 +13,7 @@ import torch
 
 from ..core.data import BucketBatchSampler, to_device
 from ..core.errors import ConfigError
+from ..core.progress import fmt_eta
 from .batches import Example, make_batch
 from .checkpoint import BestSnapshot, LoopState, save_checkpoint
 from .evaluate import evaluate
@@ -66,12 +67,6 @@ def _normalise_per_entry(setup: Setup) -> None:
                 block /= block.pow(2).mean().sqrt().clamp_min(1e-20)
 
 
-def _fmt_eta(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 class Trainer:
     """One stage's loop over its encoded training rows.
 
@@ -104,7 +99,7 @@ class Trainer:
         self.best = BestSnapshot(setup.groups)
         self.losses: list[float] = []
         self.tokens = 0
-        self.t0 = time.time()
+        self.t0 = self.last_line = time.time()
         self.step0_at = 0
         self.pending: list[int] = []  # varpro: rows of the step being gathered, its loss, step scale
         self.vp_chunks: list = []
@@ -235,14 +230,16 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
-        if st.step % cfg.log_every == 0 or st.step == self.total:
+        every = cfg.progress_s >= 0 and time.time() - self.last_line >= cfg.progress_s
+        if st.step % cfg.log_every == 0 or st.step == self.total or every:
+            self.last_line = time.time()
             done = st.step - self.step0_at
             rate = done / max(time.time() - self.t0, 1e-9)
             recent = self.losses[-cfg.log_every * cfg.grad_accum :]
             self.rt.log(
                 f"stage {self.name} step {st.step}/{self.total} ({100 * st.step // self.total}%): "
                 f"loss {sum(recent) / max(1, len(recent)):.4f} lr {self.sched.get_last_lr()[0]:.2e} "
-                f"{rate:.2f} steps/s ETA {_fmt_eta((self.total - st.step) / max(rate, 1e-9))}"
+                f"{rate:.2f} steps/s ETA {fmt_eta((self.total - st.step) / max(rate, 1e-9))}"
             )
 
     def run(self) -> None:
@@ -250,6 +247,7 @@ class Trainer:
         cfg, st = self.setup.cfg, self.state
         self.setup.model.train()
         self.t0, self.step0_at = time.time(), st.step
+        self.last_line = self.t0
         while st.step < self.total:
             self.sampler.set_epoch(st.epoch)
             batches = list(self.sampler)

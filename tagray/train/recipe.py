@@ -51,7 +51,7 @@ def run_stage(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = rt.device
-    setup = build_setup(job, base, device)
+    setup = build_setup(job, base, device, rank=rt.rank)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     wrapped = rt.wrap(setup.model)
     tr = Trainer(setup, job.stage.name, rt, wrapped, _train_rows(setup), device, autocast)
@@ -111,6 +111,7 @@ def run_stage(
         # this worker's wall time: setup, training, test (a resumed run: since resuming)
         "seconds": round(time.time() - t0, 1),
         "probe": setup.probe,
+        "feature_memo": {"hits": setup.memo.hits, "misses": setup.memo.misses},  # rows read, not recomputed
         "prefix_cache": {"rows": len(store), "bytes_per_row": store.bytes_per_row(), **store.stats}
         if store
         else None,

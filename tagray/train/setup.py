@@ -23,11 +23,13 @@ from ..core.errors import ConfigError
 from ..core.heads import HeadBank, HeadSpec, feature_stats, head_init, ridge_fit
 from ..core.model import TagLLM
 from ..core.prefix import PrefixStore
+from ..core.progress import progress
 from ..core.tags import TagBank, mean_embedding_init
 from ..tasks.dataset import TaskData, build_task_data, tag_kinds
 from ..tasks.spec import TaskSpec, load_task
 from .batches import Example, encode_rows, make_batch, sorted_batches
 from .job import StageJob, resolve_dtype
+from .memo import FeatureMemo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,6 +58,9 @@ class Setup:
     cfg: TrainConfig = field(default_factory=TrainConfig)
     groups: list[Group] = field(default_factory=list)
     probe: dict[str, dict] = field(default_factory=dict)  # head -> {"rows", "lambda"}
+    stage: str = ""  # the stage's name, for progress lines
+    rank: int = 0  # of this worker: only rank 0 prints progress
+    memo: FeatureMemo = field(default_factory=FeatureMemo, repr=False)  # head features per tag state
     _encoded: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -170,13 +175,18 @@ def store_context(model: TagLLM, base: Base, dtype: torch.dtype) -> str:
     return h.hexdigest()
 
 
-def build_setup(job: StageJob, base: Base | None = None, device: torch.device | None = None) -> Setup:
+def build_setup(
+    job: StageJob, base: Base | None = None, device: torch.device | None = None, rank: int = 0
+) -> Setup:
     """Load base, previous tags and task data; create the banks and start the heads. Pure torch."""
     cfg = job.stage.train
     device = device or torch.device("cpu")
     # data and tag-set errors first: a typo must not wait for the base to load
-    tasks = [build_task_data(load_task(t) if not isinstance(t, TaskSpec) else t) for t in job.stage.tasks]
-    eval_tasks = [build_task_data(load_task(t)) for t in job.stage.eval_tasks]
+    every = cfg.progress_s if rank == 0 else None
+    tasks = [
+        build_task_data(load_task(t) if not isinstance(t, TaskSpec) else t, every) for t in job.stage.tasks
+    ]
+    eval_tasks = [build_task_data(load_task(t), every) for t in job.stage.eval_tasks]
     prev = load_tagset(job.init_from) if job.init_from else None
     base = base or load_base(job.base, dtype=resolve_dtype(job.dtype, device.type == "cuda"))
     if prev is not None:
@@ -231,6 +241,7 @@ def build_setup(job: StageJob, base: Base | None = None, device: torch.device | 
     task_specs.update({td.spec.name: td.spec.to_json() for td in tasks + eval_tasks})
     setup = Setup(model, base, tasks, eval_tasks, prev, info, train_tags, train_heads, task_specs, cfg)
     setup.groups = _groups(tasks, train_tags, train_heads)
+    setup.stage, setup.rank = job.stage.name, rank
     with model.prefix_store.fill_lock() if model.prefix_store is not None else contextlib.nullcontext():
         init_heads(setup, device)  # the probe pass fills the store: with a shared one, once per node
     return setup
@@ -249,10 +260,16 @@ def head_features(
     model.eval()
     exs = setup.examples(td, "train", rows or None)
     feats, ys = [], []
-    for idx in sorted_batches(exs, batch_size, rank, world):
+    what = f"stage {setup.stage}: {td.spec.name} head features ({len(exs)} training rows)"
+    batches = sorted_batches(exs, batch_size, rank, world)
+    for idx in progress(batches, what, setup.cfg.progress_s, enabled=setup.rank == 0):
         chunk = [exs[i] for i in idx]
-        b = to_device(make_batch(chunk, setup.head_names(), setup.pad_id), device)
-        feats.append(model.head_features(b).float().cpu())
+        f = setup.memo.get(model, chunk)
+        if f is None:
+            b = to_device(make_batch(chunk, setup.head_names(), setup.pad_id), device)
+            f = model.head_features(b).float().cpu()
+            setup.memo.put(model, chunk, f)
+        feats.append(f)
         ys += [e.target for e in chunk]
     model.train(was)
     if not feats:

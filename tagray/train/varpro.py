@@ -19,6 +19,7 @@ import torch
 
 from ..core.data import to_device
 from ..core.heads import RIDGE_LAMBDAS, ridge_targets
+from ..core.progress import progress
 from .batches import make_batch
 
 
@@ -64,12 +65,29 @@ def _loo(setup, tasks: torch.Tensor, z: torch.Tensor, ys: list) -> torch.Tensor 
     return torch.stack(losses).mean() if losses else None
 
 
-def _gathered(setup, batches: list[dict], chunks: list[list], rt, ctx):
+def _pass(setup, batches: list[dict], rt, what: str):
+    """``batches`` with a progress line every ``progress_s`` (a step over every row runs for minutes)."""
+    n = sum(int(b["input_ids"].shape[0]) for b in batches)
+    return progress(
+        batches,
+        f"stage {setup.stage}: varpro {what} ({n} rows)",
+        setup.cfg.progress_s,
+        "batches",
+        rt.rank == 0,
+    )
+
+
+def _gathered(setup, batches: list[dict], chunks: list[list], rt, ctx, autocast, what: str = "features"):
     """Every rank's step rows: task indices ``(m,)``, features ``(m, d)`` (no grad), targets, and a mask
     ``(m,)`` of this rank's rows."""
-    model = setup.model
+    model, feats = setup.model, []
     with torch.no_grad(), ctx:
-        feats = [model.head_features(b).float().cpu() for b in batches]
+        for c, b in zip(chunks, _pass(setup, batches, rt, what), strict=True):
+            f = setup.memo.get(model, c, autocast)
+            if f is None:  # not read at these tags yet (the memo: the step before, the re-fit, the probe)
+                f = model.head_features(b).float().cpu()
+                setup.memo.put(model, c, f, autocast)
+            feats.append(f)
     tasks = torch.tensor([e.task for c in chunks for e in c], dtype=torch.long)
     z = torch.cat(feats) if feats else torch.zeros(0, model.heads.width - 1)
     parts = rt.all_gather((tasks, z, [e.target for c in chunks for e in c]))
@@ -90,7 +108,9 @@ def _batches(setup, chunks, device):
 def varpro_loss(setup, chunks: list[list], rt, device, autocast=None) -> float | None:
     """The step's LOO loss at the current tags (no grad): the trainer's test of a tentative step."""
     ctx = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
-    tasks, z, ys, _ = _gathered(setup, _batches(setup, chunks, device), chunks, rt, ctx)
+    tasks, z, ys, _ = _gathered(
+        setup, _batches(setup, chunks, device), chunks, rt, ctx, autocast, "check of the step"
+    )
     loss = _loo(setup, tasks, z, ys)
     return None if loss is None else float(loss)
 
@@ -107,14 +127,14 @@ def varpro_step(setup, chunks: list[list], rt, device, autocast=None) -> float |
     """
     ctx = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
     batches = _batches(setup, chunks, device)
-    tasks, z, ys, mine = _gathered(setup, batches, chunks, rt, ctx)
+    tasks, z, ys, mine = _gathered(setup, batches, chunks, rt, ctx, autocast)
     z.requires_grad_(True)
     loss = _loo(setup, tasks, z, ys)
     if loss is None:
         return None
     (grad,) = torch.autograd.grad(loss, z)
     grad, off = grad[mine].float(), 0  # this rank's rows, in chunk order
-    for b in batches:
+    for b in _pass(setup, batches, rt, "gradient"):
         with ctx:
             fresh = setup.model.head_features(b)
         n = fresh.shape[0]
