@@ -57,9 +57,11 @@ def load_rows(args: argparse.Namespace) -> tuple[Base, TagBank, HeadBank, list[h
     n = (args.epochs + 1) * args.steps * args.batch_size + args.batch_size
     td = build_task_data(load_task("qed", {"limits": {"train": max(n, 64), "valid": 8, "test": 8}}))
     emb = base.model.get_input_embeddings().weight
-    p = args.tag_length
+    p, pf = args.tag_length, args.function_tag_length
     # <SMILES> stands for stage 1's learned domain tag: its values do not change the cost
-    tags = TagBank({"<SMILES>": mean_embedding_init(emb, p), "<QED>": mean_embedding_init(emb, p)}, {"<QED>"})
+    tags = TagBank(
+        {"<SMILES>": mean_embedding_init(emb, p), "<QED>": mean_embedding_init(emb, pf)}, {"<QED>"}
+    )
     exs = encode_rows([td], base.tokenizer, tags, "train")
     y = torch.tensor([e.target[0] for e in exs])
     spec = HeadSpec("regression", 1, (float(y.mean()),), (float(y.std()),))
@@ -146,7 +148,8 @@ def report(res: dict, markdown: bool = False) -> str:
     cfg, m, mem = res["config"], res["machine"], res["memory"]
     out += [
         "",
-        f"{cfg['base']}, batch {cfg['batch_size']}, p={cfg['tag_length']} (<SMILES> frozen, <QED> trained), "
+        f"{cfg['base']}, batch {cfg['batch_size']}, <SMILES> p={cfg['tag_length']} (frozen), <QED> "
+        f"p={cfg.get('function_tag_length', cfg['tag_length'])} (trained), "
         f"PEFT {cfg['peft_virtual']} virtual tokens, {cfg['epochs']} epochs x {cfg['steps']} steps over "
         f"{cfg['steps'] * cfg['batch_size']} rows, {cfg['threads']} threads; RSS "
         f"{mem['rss_before_bench_gib']:.2f} GiB before the timed epochs, peak {mem['peak_rss_gib']:.2f} GiB; "
@@ -161,9 +164,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="passes over the timed rows (1 fills the cache)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tag-length", type=int, default=10, help="p of <SMILES> and <QED>")
+    p.add_argument("--tag-length", type=int, default=10, help="p of <SMILES> (and of <QED> by default)")
     p.add_argument(
-        "--peft-virtual", type=int, default=10, help="PEFT virtual tokens (default: p, as trained)"
+        "--function-tag-length",
+        type=int,
+        default=None,
+        help="p of <QED> (default --tag-length; stage 2 ships 2)",
+    )
+    p.add_argument(
+        "--peft-virtual", type=int, default=None, help="PEFT virtual tokens (default: p of <QED>, as trained)"
     )
     p.add_argument("--cache-gb", type=float, default=4.0, help="RAM budget of the prefix store")
     p.add_argument("--threads", type=int, default=2)
@@ -175,6 +184,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--render", action="store_true", help="no run: render --out's JSON into docs/benchmarks.md"
     )
     args = p.parse_args(argv)
+    args.function_tag_length = args.function_tag_length or args.tag_length
+    args.peft_virtual = args.peft_virtual or args.function_tag_length
     if args.smoke:
         args.steps, args.epochs, args.batch_size = (
             min(args.steps, 2),
@@ -186,9 +197,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = args.out or h.RESULTS / ("train_vs_peft.smoke.json" if args.smoke else "train_vs_peft.json")
-    if args.render:
-        return h.render_json(out, DOC, "train_vs_peft", report)
+    name = "train_vs_peft" + ("" if args.function_tag_length == 10 else f"_p{args.function_tag_length}")
+    out = args.out or h.RESULTS / (f"{name}.smoke.json" if args.smoke else f"{name}.json")
+    if args.render:  # every measured function tag length into its own block
+        for path in sorted(h.RESULTS.glob("train_vs_peft*.json")) if args.out is None else [out]:
+            if path.stem == "train_vs_peft" or path.stem.startswith("train_vs_peft_p"):
+                h.render_json(path, DOC, path.stem, report)
+        return 0
     h.quiet()
     return h.finish(run(args), out, report)
 

@@ -69,6 +69,12 @@ def test_ensemble_only_merges_into_the_json_and_renders(tmp_path, capsys):
         (m["positions_per_row"]["prefix"] + 4 * m["positions_per_row"]["suffix"])
         / (m["positions_per_row"]["prefix"] + m["positions_per_row"]["suffix"])
     )
+    short = res["ensemble_micro_by_tag_length"]["2"]  # the shipped stage-2 function tag length, too
+    assert short["tag_length"] == 2 and short["positions_per_row"]["suffix"] == 2
+    assert res["ensemble4_over_single_by_tag_length"] == {
+        str(res["ensemble_micro"]["tag_length"]): res["ensemble4_over_single"],
+        "2": short["ensemble4_over_single"],
+    }
     doc = tmp_path / "doc.md"
     begin, end = f"<!-- begin:{serve_bench.MARKER} -->", f"<!-- end:{serve_bench.MARKER} -->"
     doc.write_text(f"intro\n{begin}\nstale\n{end}\noutro\n")
@@ -76,3 +82,4 @@ def test_ensemble_only_merges_into_the_json_and_renders(tmp_path, capsys):
     text = doc.read_text()
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert f"**{res['ensemble4_over_single']:.2f}x**" in text
+    assert f"**{short['ensemble4_over_single']:.2f}x**" in text and "tag length 2" in text

@@ -153,3 +153,36 @@ def test_feature_memo_skips_rereads_at_the_same_tags_with_the_same_results(tiny_
         torch.testing.assert_close(t, ts_off.tags[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ts.heads["<QED>"], ts_off.heads["<QED>"], rtol=1e-4, atol=1e-5)
     assert abs(test["qed"]["mse"] - test_off["qed"]["mse"]) <= 1e-5 * max(1.0, test_off["qed"]["mse"])
+
+
+def test_an_undone_varpro_step_restores_the_optimizer_moments(tiny_llama):
+    """A rejected step (its LOO loss rose) leaves tags *and* AdamW's moments as they were before it: Adam's
+    step count is the number of accepted steps, so the next step is not biased by a step that never was."""
+    from tagray.train.loop import Trainer
+    from tagray.train.recipe import _train_rows
+    from tagray.train.setup import build_setup
+
+    cfg = tiny_pipeline(
+        name="u",
+        train={
+            "head_mode": "varpro",
+            "optimizer": "adamw",
+            "lr": 50.0,
+            "max_steps": 3,
+            "eval_every": 3,
+            "batch_size": 24,
+            "eval_rows": 8,
+            "tag_length": 2,
+        },
+        tiny_train=False,
+        stages=[stage_dict("s", "qed", limits={"train": 24, "valid": 8, "test": 8})],
+    )
+    job = StageJob(stage=cfg.stages[0])
+    rt = Runtime()
+    setup = build_setup(job, tiny_llama, rt.device)
+    tr = Trainer(setup, "s", rt, setup.model, _train_rows(setup), rt.device, None)
+    tr.run()
+    assert tr.rejected >= 1, "lr 50 must overshoot at least once"
+    accepted = tr.state.step - tr.rejected
+    steps = [int(s["step"]) for s in tr.opt.state.values() if "step" in s]
+    assert all(n == accepted for n in steps) and (bool(steps) == (accepted > 0)), (steps, tr.rejected)

@@ -5,6 +5,7 @@ and reports a checkpoint, and progress lines with an ETA (visible in ``ray job l
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import tempfile
 import time
@@ -202,6 +203,7 @@ class Trainer:
         if after is not None and after > self.vp_loss:
             with torch.no_grad():
                 self.setup.model.tags.trainable.copy_(before)
+            self.opt.load_state_dict(self.opt_before)
             self.step_scale *= 0.5
             self.rejected += 1
         else:
@@ -219,8 +221,9 @@ class Trainer:
         else:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         tentative = self.vp_loss is not None
-        if tentative:
+        if tentative:  # an undone step leaves no trace: tags and the optimizer's moments as before it
             before = self.setup.model.tags.trainable.detach().clone()
+            self.opt_before = copy.deepcopy(self.opt.state_dict())
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(self.step_scale)
