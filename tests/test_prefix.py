@@ -168,6 +168,23 @@ def test_shared_store_fills_once_per_node_and_other_stores_map_it(base, tmp_path
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
 
 
+def test_a_searchs_shared_rows_live_in_its_own_folder_and_are_removed(base, tmp_path, monkeypatch):
+    """``auto:<search>``: rows under ``<shared root>/<search>/<context>/``; ``remove_shared`` frees them."""
+    from tagray.core.prefix import remove_shared, resolve_shared
+
+    monkeypatch.setenv("TAGRAY_PREFIX_SHARED", str(tmp_path / "root"))
+    assert resolve_shared("auto") == str(tmp_path / "root")
+    assert resolve_shared("auto:single-qed-1") == str(tmp_path / "root" / "single-qed-1")
+    assert resolve_shared(str(tmp_path / "mine")) == str(tmp_path / "mine") and resolve_shared(None) is None
+    model, batch = _regression(base)
+    model.prefix_store = PrefixStore(shared_dir="auto:single-qed-1")
+    model.prefix_store.ensure_context("ctx")
+    _step(model, batch)
+    assert len(list((tmp_path / "root" / "single-qed-1" / "ctx").glob("*.npy"))) == len(SMILES)
+    assert remove_shared("auto:single-qed-1") and not (tmp_path / "root" / "single-qed-1").exists()
+    assert not remove_shared("auto:single-qed-1")  # nothing left: a no-op
+
+
 def test_duplicate_prefixes_in_a_batch_are_computed_once(base):
     """Ensemble members and repeated rows share one prefix computation."""
     model, batch = _regression(base)

@@ -63,7 +63,8 @@ def test_defaults_one_search_per_task(tmp_path):
     for s in searches:
         assert s.name.startswith(f"single-{s.task}-") and len(s.stage.tasks) == 1
         assert s.evals == 4 and s.init_from is None and s.stage.train.select_metric == "val_loss"
-        assert s.stage.train.prefix_cache_shared == "auto"  # the trials share one prefix set per node
+        # the trials share one prefix set per node, in the search's own folder (deleted when it ends)
+        assert s.stage.train.prefix_cache_shared == f"auto:{s.name}"
     assert cfg.stages[-1].train.prefix_cache_shared == "search"  # a plain stage keeps its own store
 
 
@@ -358,6 +359,8 @@ def search(ray_local, tiny_base_dir, tmp_path_factory):
     first = tt.run_search(cfg, ts, callbacks=[InterruptAfter(2, marker)])["qed"]
     finished = json.load(open(marker))
     exp = first["experiment"]
+    rows = os.path.join(os.environ["TAGRAY_PREFIX_SHARED"], os.path.basename(exp))  # the search's prefix rows
+    kept_while_interrupted = bool(glob.glob(f"{rows}/*/*.npy"))
     before = {t: open(f"{_trial_dir(exp, t)}/result.json").read() for t in finished}
     art = {
         t: os.path.getmtime(p + "/tagset.json")
@@ -367,6 +370,7 @@ def search(ray_local, tiny_base_dir, tmp_path_factory):
     rc = main(["tune", str(path)])  # the same command again: resumes
     final = json.load(open(f"{tmp}/runs/tt/tune/results/{os.path.basename(exp)}/summary.json"))
     return {
+        "shared_rows": (kept_while_interrupted, os.path.exists(rows)),
         "cfg": cfg,
         "ts": ts,
         "first": first,
@@ -395,6 +399,9 @@ def test_search_is_interrupted_then_resumed_without_rerunning_finished_trials(se
         )
     train_runs = glob.glob(f"{search['tmp']}/runs/tt/tune/_train/{os.path.basename(exp)}-*")
     assert len(train_runs) == 4  # one Ray Train run per trial, named by its trial id
+    # the trials' shared prefix rows (RAM-backed /dev/shm by default) stay for the resumed run, and are
+    # deleted on every node once the search has finished
+    assert search["shared_rows"] == (True, False)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import inspect
 import os
+import shutil
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -228,7 +229,7 @@ class PrefixStore:
         self.max_bytes = int(max_bytes)
         self.dtype = dtype
         self.spill_dir = tempfile.mkdtemp(prefix="tagray-prefix-") if spill_dir == "auto" else spill_dir
-        self.shared_root = shared_root() if shared_dir == "auto" else shared_dir
+        self.shared_root = resolve_shared(shared_dir)
         self.shared: str | None = None  # shared_root/<context>, set by ensure_context
         self.ram: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.disk: dict[str, str] = {}
@@ -357,6 +358,25 @@ def shared_root() -> str:
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         return "/dev/shm/tagray-prefix"
     return os.path.join(tempfile.gettempdir(), "tagray-prefix")
+
+
+def resolve_shared(shared_dir: str | None) -> str | None:
+    """``auto`` -> :func:`shared_root`; ``auto:<name>`` -> ``<shared_root>/<name>`` (one search's rows, so
+    that the search can delete them when it ends); a folder unchanged."""
+    if shared_dir is not None and (shared_dir == "auto" or shared_dir.startswith("auto:")):
+        name = shared_dir.partition(":")[2]
+        return os.path.join(shared_root(), name) if name else shared_root()
+    return shared_dir
+
+
+def remove_shared(shared_dir: str) -> bool:
+    """Delete one search's shared prefix rows on this node (``auto:<name>`` or a folder); True if there were
+    any. Processes that still map a file keep their mapping (Linux frees it when the last one closes)."""
+    path = resolve_shared(shared_dir)
+    if not path or not os.path.isdir(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:

@@ -66,3 +66,20 @@ def ensure_ray(address: str | None = None) -> None:
         if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
             log.info("ray: local cluster with token auth (`ray get-auth-token` prints the dashboard's token)")
     log.info("ray: %s", ray.cluster_resources())
+
+
+def on_every_node(fn, *args, timeout_s: float = 300.0) -> list:
+    """``fn(*args)`` once on every alive node (a zero-CPU task pinned to it, with the workers' environment,
+    so node-local paths resolve as the trials resolved them); the results in node order."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(fn)
+    refs = [
+        task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+            runtime_env={"env_vars": worker_env()},
+        ).remote(*args)
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    return ray.get(refs, timeout=timeout_s)

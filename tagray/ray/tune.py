@@ -31,6 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ..config import PipelineConfig, stage_from_dict, to_dict
 from ..core.artifacts import is_tagset, load_tagset
 from ..core.errors import ConfigError
+from ..core.prefix import remove_shared
 from ..search.plan import (
     Search,
     base_ref,
@@ -45,7 +46,7 @@ from ..search.settings import TuneSettings
 from ..train import StageJob, resolve_dtype
 from ..util import stable_hash
 from .internals import reap_orphaned_placement_groups, reaper, resumable_asha
-from .session import ensure_ray
+from .session import ensure_ray, on_every_node
 from .shared import get_base_owner
 from .train import fit_stage
 
@@ -210,5 +211,11 @@ def run_search(
     for s in searches:
         out[s.task] = _run_one(cfg, ts, s, callbacks)
         if out[s.task].get("interrupted"):
-            break  # Ctrl-C: leave the other tasks for the resumed run
+            break  # Ctrl-C: leave the other tasks (and the prefix rows) for the resumed run
+        shared = s.stage.train.prefix_cache_shared
+        if shared.startswith("auto:"):  # the search's own rows: RAM-backed (/dev/shm), freed when it ends
+            freed = on_every_node(remove_shared, shared)
+            log.info(
+                "tune %s: shared prefix rows deleted on %d of %d node(s)", s.task, sum(freed), len(freed)
+            )
     return out

@@ -96,7 +96,8 @@ def plan_searches(cfg: PipelineConfig, ts: TuneSettings) -> list[Search]:
     if unknown:
         raise ConfigError("tune.tasks", f"{unknown} not in stage {stage.name!r}; its tasks: {list(entries)}")
     tr = stage.train
-    if tr.prefix_cache_shared == "search":  # trials differ only in the function tag: one prefix set per node
+    from_search = tr.prefix_cache_shared == "search"
+    if from_search:  # trials differ only in the function tag: one prefix set per node
         tr = replace(tr, prefix_cache_shared="auto")
     if ts.asha and ts.asha["max_t"]:
         tr = replace(tr, max_steps=ts.asha["max_t"] * tr.eval_every)  # ASHA's budget = the trial's length
@@ -127,7 +128,11 @@ def plan_searches(cfg: PipelineConfig, ts: TuneSettings) -> list[Search]:
             "init": init,
             "tune": {k: getattr(ts, k) for k in HASHED},
         }
-        out.append(Search(name, f"{stage.name}-{name}-{stable_hash(doc)}", st, init, metric, evals))
+        sname = f"{stage.name}-{name}-{stable_hash(doc)}"
+        if from_search:  # its own folder of the node's shared root, deleted when the search ends (the
+            # hash above keeps "auto": an existing search resumes under the same name)
+            st = replace(st, train=replace(st.train, prefix_cache_shared=f"auto:{sname}"))
+        out.append(Search(name, sname, st, init, metric, evals))
     return out
 
 
