@@ -109,7 +109,10 @@ def _demo(d: dict) -> str:
             untagged = m.get("untagged_loss") if key == "loss" else None
             kept = r.get("kept_step", {}).get(task, "-")
             rows.append([stage, task, f"{key}", s0, val, kept, ref, untagged])
-    took = ", ".join(f"{st} {fmt(r['seconds'] / 60, 3)}" for st, r in d.items() if r.get("seconds"))
+    secs = {st: r["seconds"] for st, r in d.items() if r.get("seconds")}
+    took = ", ".join(f"{st} {fmt(v / 60, 3)}" for st, v in secs.items())
+    if len(secs) == len(d) and len(secs) > 1:
+        took += f" (all stages: {fmt(sum(secs.values()) / 60, 3)})"
     return table(
         [
             "stage",
