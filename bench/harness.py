@@ -593,7 +593,19 @@ def prefix_report(pc: dict, markdown: bool = False) -> str:
         f"({c['dtype']}); formula {t['layers']} layers x 2 x {t['kv_heads']} kv heads x {t['head_dim']} x "
         f"{t['dtype_bytes']} B = {c['bytes_per_token']:,} B/token x {c['mean_prefix_tokens']:.1f} prefix "
         f"tokens = {c['bytes_per_row_formula'] / 2**20:.2f} MiB/row; store hits {c['stats']['hits']}, "
-        f"misses {c['stats']['misses']}"
+        f"misses {c['stats']['misses']}" + _verdict(pc)
+    )
+
+
+def _verdict(pc: dict) -> str:
+    """Cache reuse against the issue's targets (5x PEFT on the same batches, stretch 10x), from the JSON."""
+    x, tg = pc["speedup_vs_peft_same_batches"].get("cache_reuse"), pc.get("targets")
+    if x is None or not tg:
+        return ""
+    met = {k: "met" if x >= v else "missed" for k, v in tg.items()}
+    return (
+        f"\n\ncache reuse vs peft-head {x:.2f}x: target {tg['speedup_vs_peft']:g}x **{met['speedup_vs_peft']}**, "
+        f"stretch {tg['stretch_with_reuse']:g}x **{met['stretch_with_reuse']}**"
     )
 
 
