@@ -44,25 +44,19 @@ def test_loo_loss_gradient_is_finite_and_points_downhill():
         assert float(loo_ridge_loss(z - 1e-3 * grad / grad.norm(), t, 1.0)) < float(loss)
 
 
+def varpro_qed_stage(name: str, limits: dict | None = None, **train):
+    """A one-task stage on ``qed`` with the varpro recipe (ngd, lr 1e-2, p = 2) and ``train`` over it."""
+    base = {"head_mode": "varpro", "optimizer": "ngd", "lr": 1e-2, "eval_rows": 8, "tag_length": 2}
+    limits = limits or {"train": 24, "valid": 8, "test": 8}
+    return tiny_pipeline(
+        name=name, train={**base, **train}, tiny_train=False, stages=[stage_dict("s", "qed", limits=limits)]
+    ).stages[0]
+
+
 def test_varpro_stage_trains_the_tag_and_refits_the_head(tiny_llama):
-    cfg = tiny_pipeline(
-        name="x",
-        train={
-            "head_mode": "varpro",
-            "optimizer": "ngd",
-            "lr": 1e-2,
-            "max_steps": 3,
-            "eval_every": 1,
-            "batch_size": 4,
-            "grad_accum": 2,
-            "eval_rows": 20,
-            "tag_length": 2,
-        },
-        tiny_train=False,
-        stages=[stage_dict("s", "qed", limits={"train": 24, "valid": 8, "test": 8})],
-    )
+    stage = varpro_qed_stage("x", max_steps=3, eval_every=1, batch_size=4, grad_accum=2)
     rt = Runtime()
-    ts, _ = run_stage(StageJob(stage=cfg.stages[0]), rt, base=tiny_llama)
+    ts, _ = run_stage(StageJob(stage=stage), rt, base=tiny_llama)
     train_losses = [r["train_loss"] for r in rt.reports]
     assert len(rt.reports) == 3 and all(x == x and x > 0 for x in train_losses), rt.reports  # LOO MSE
     assert ts.meta["probe"]["<QED>"]["rows"] == 24  # heads re-fitted on every training row
@@ -75,21 +69,16 @@ def test_every_long_loop_of_a_stage_prints_progress_with_an_eta(tiny_llama, capl
     import logging
 
     def stage(progress_s, limits):
-        train = {
-            "head_mode": "varpro",
-            "optimizer": "ngd",
-            "lr": 1e-2,
-            "max_steps": 2,
-            "eval_every": 2,
-            "batch_size": 40,
-            "eval_rows": 20,
-            "tag_length": 2,
-            "log_every": 100,
-            "progress_s": progress_s,
-        }
-        return tiny_pipeline(
-            name="p", train=train, tiny_train=False, stages=[stage_dict("s", "qed", limits=limits)]
-        ).stages[0]
+        return varpro_qed_stage(
+            "p",
+            limits,
+            max_steps=2,
+            eval_every=2,
+            batch_size=40,
+            eval_rows=20,
+            log_every=100,
+            progress_s=progress_s,
+        )
 
     with caplog.at_level(logging.INFO, logger="tagray"):
         run_stage(
@@ -123,22 +112,8 @@ def test_feature_memo_skips_rereads_at_the_same_tags_with_the_same_results(tiny_
     from tagray.train.memo import FeatureMemo
 
     def run():
-        cfg = tiny_pipeline(
-            name="m",
-            train={
-                "head_mode": "varpro",
-                "optimizer": "ngd",
-                "lr": 1e-2,
-                "max_steps": 3,
-                "eval_every": 3,
-                "batch_size": 24,
-                "eval_rows": 8,
-                "tag_length": 2,
-            },
-            tiny_train=False,
-            stages=[stage_dict("s", "qed", limits={"train": 24, "valid": 8, "test": 8})],
-        )
-        return run_stage(StageJob(stage=cfg.stages[0]), Runtime(), base=tiny_llama)
+        stage = varpro_qed_stage("m", max_steps=3, eval_every=3, batch_size=24)
+        return run_stage(StageJob(stage=stage), Runtime(), base=tiny_llama)
 
     ts, test = run()
     memo = ts.meta["feature_memo"]
@@ -162,22 +137,9 @@ def test_an_undone_varpro_step_restores_the_optimizer_moments(tiny_llama):
     from tagray.train.recipe import _train_rows
     from tagray.train.setup import build_setup
 
-    cfg = tiny_pipeline(
-        name="u",
-        train={
-            "head_mode": "varpro",
-            "optimizer": "adamw",
-            "lr": 50.0,
-            "max_steps": 3,
-            "eval_every": 3,
-            "batch_size": 24,
-            "eval_rows": 8,
-            "tag_length": 2,
-        },
-        tiny_train=False,
-        stages=[stage_dict("s", "qed", limits={"train": 24, "valid": 8, "test": 8})],
+    job = StageJob(
+        stage=varpro_qed_stage("u", optimizer="adamw", lr=50.0, max_steps=3, eval_every=3, batch_size=24)
     )
-    job = StageJob(stage=cfg.stages[0])
     rt = Runtime()
     setup = build_setup(job, tiny_llama, rt.device)
     tr = Trainer(setup, "s", rt, setup.model, _train_rows(setup), rt.device, None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -50,6 +51,14 @@ class FeatureMemo:
         self.states.move_to_end(k)
         self.hits += len(rows)
         return torch.stack([known[id(e.enc)] for e in rows])
+
+    def read(self, model, rows: list, compute: Callable[[], torch.Tensor], autocast=None) -> torch.Tensor:
+        """Features of ``rows`` at the model's tags: remembered, or ``compute()`` (float32, CPU) and kept."""
+        f = self.get(model, rows, autocast)
+        if f is None:
+            f = compute()
+            self.put(model, rows, f, autocast)
+        return f
 
     def put(self, model, rows: list, feats: torch.Tensor, autocast=None) -> None:
         """Remember ``feats (len(rows), d)`` (float32, CPU) of ``rows`` at the model's tags."""

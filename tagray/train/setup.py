@@ -247,6 +247,12 @@ def build_setup(
     return setup
 
 
+def _features(setup: Setup, chunk: list[Example], device) -> torch.Tensor:
+    """What the heads read for ``chunk`` at the current tags ``(len(chunk), d)``, float32 on the CPU."""
+    b = to_device(make_batch(chunk, setup.head_names(), setup.pad_id), device)
+    return setup.model.head_features(b).float().cpu()
+
+
 @torch.no_grad()
 def head_features(
     setup: Setup, td: TaskData, rows: int | None, device, batch_size: int = 16, rank=0, world=1
@@ -264,12 +270,7 @@ def head_features(
     batches = sorted_batches(exs, batch_size, rank, world)
     for idx in progress(batches, what, setup.cfg.progress_s, enabled=setup.rank == 0):
         chunk = [exs[i] for i in idx]
-        f = setup.memo.get(model, chunk)
-        if f is None:
-            b = to_device(make_batch(chunk, setup.head_names(), setup.pad_id), device)
-            f = model.head_features(b).float().cpu()
-            setup.memo.put(model, chunk, f)
-        feats.append(f)
+        feats.append(setup.memo.read(model, chunk, lambda c=chunk: _features(setup, c, device)))
         ys += [e.target for e in chunk]
     model.train(was)
     if not feats:

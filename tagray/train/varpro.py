@@ -83,11 +83,10 @@ def _gathered(setup, batches: list[dict], chunks: list[list], rt, ctx, autocast,
     model, feats = setup.model, []
     with torch.no_grad(), ctx:
         for c, b in zip(chunks, _pass(setup, batches, rt, what), strict=True):
-            f = setup.memo.get(model, c, autocast)
-            if f is None:  # not read at these tags yet (the memo: the step before, the re-fit, the probe)
-                f = model.head_features(b).float().cpu()
-                setup.memo.put(model, c, f, autocast)
-            feats.append(f)
+            # remembered when read at these tags before (the step's check before, the re-fit, the probe)
+            feats.append(
+                setup.memo.read(model, c, lambda b=b: model.head_features(b).float().cpu(), autocast)
+            )
     tasks = torch.tensor([e.task for c in chunks for e in c], dtype=torch.long)
     z = torch.cat(feats) if feats else torch.zeros(0, model.heads.width - 1)
     parts = rt.all_gather((tasks, z, [e.target for c in chunks for e in c]))
