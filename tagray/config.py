@@ -150,6 +150,10 @@ class ScalingConfig:
     placement_strategy: str = "PACK"
     max_failures: int = 2
     """Worker failures survived per stage (restart from the last checkpoint)."""
+    ingest: str = "local"
+    """``local``: every worker reads every row of its tasks (small data). ``ray_data``: the sources are read,
+    split, validated and labelled as Ray Data transforms, and each worker gets only its shard of the
+    training rows (``get_dataset_shard``): for sources larger than one worker's memory, or read once."""
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -158,6 +162,8 @@ class ScalingConfig:
             raise ConfigError("strategy", "use ddp or fsdp")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError("placement_strategy", "use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+        if self.ingest not in ("local", "ray_data"):
+            raise ConfigError("ingest", f"use local or ray_data, got {self.ingest!r}")
 
 
 @dataclass(frozen=True)
@@ -333,5 +339,7 @@ def stage_hash(cfg: PipelineConfig, stage: StageConfig) -> str:
     """What a stage's artifact depends on: its config, the base, the dtype and its initial tags."""
     st = to_dict(stage)
     st["train"] = {k: v for k, v in st["train"].items() if k not in NOT_HASHED}
+    if st["scaling"].get("ingest") == "local":  # the default since before the key existed: same hashes
+        del st["scaling"]["ingest"]
     doc = {"stage": st, "base": cfg.base, "dtype": cfg.dtype, "init": initial_tags(cfg, stage)}
     return stable_hash(doc)

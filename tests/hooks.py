@@ -22,6 +22,23 @@ def node_log(rt, config: dict) -> None:
         f.write(ray.get_runtime_context().get_node_id())
 
 
+def shard_log(rt, config: dict) -> None:
+    """Write this rank's training rows (``config["task_data"]``, Ray Data ingest) as JSON to
+    ``<config["shard_log"]>/rank<N>.json``: ``{task: [row, ...]}``."""
+    import json
+
+    os.makedirs(config["shard_log"], exist_ok=True)
+    rows = {td.spec.name: td.splits["train"] for td in config["task_data"]}
+    with open(os.path.join(config["shard_log"], f"rank{rt.rank}.json"), "w") as f:
+        json.dump(rows, f)
+
+
+def node_and_shard_log(rt, config: dict) -> None:
+    """:func:`node_log` and :func:`shard_log` together."""
+    node_log(rt, config)
+    shard_log(rt, config)
+
+
 def fail_at_step(rt, config: dict) -> None:
     """Kill the last rank once, at its first report after ``config["fail_at_step"]``.
 

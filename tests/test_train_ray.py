@@ -219,6 +219,14 @@ def test_two_workers_on_two_nodes_with_shared_storage(tiny_base_dir, tmp_path, s
     )
     assert doc["path"] == f"{output}/multinode/single"
     assert load_tagset(doc["path"]).meta["steps"] == 2
+    # Ray Data ingest: one rank per node, equal disjoint shards, and together they are the split
+    ing = doc["ingest"]
+    assert len(set(ing["nodes"])) == 3, ing["nodes"]
+    shards = [set(ing["shards"][str(r)]) for r in range(3)]
+    assert [len(ing["shards"][str(r)]) for r in range(3)] == [6, 6, 6]
+    assert not (shards[0] & shards[1] or shards[0] & shards[2] or shards[1] & shards[2]), "disjoint shards"
+    assert shards[0] | shards[1] | shards[2] == set(ing["split"]) and len(ing["split"]) == 18
+    assert ing["meta"]["sharded"] and ing["meta"]["train_rows"] == {"qed": 18}
 
 
 # ---- `ray job submit` against a token-auth head ------------------------------------------------------

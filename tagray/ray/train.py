@@ -21,12 +21,13 @@ from collections.abc import Callable
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..config import StageConfig, stage_from_dict, to_dict
 from ..train import Runtime, StageJob, resolve_dtype, run_stage
 from ..util import abs_uri, worker_env
+from .ingest import ingest_stage, shard_task_data
 from .session import ensure_ray
 from .shared import attach_base, base_info
 from .storage import require_shared_storage
@@ -70,7 +71,8 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Train worker: ``config = {"job": StageJob as dict, "base": shared-base info}``.
 
     ``config["worker_setup"]`` (optional) is called as ``fn(runtime, config)`` before the stage runs: an
-    extension point for per-worker instrumentation (the tests use it to record nodes and kill workers).
+    extension point for per-worker instrumentation (the tests use it to record nodes and shards and to
+    kill workers); ``config["task_data"]`` holds this worker's ingested tasks (``scaling.ingest: ray_data``).
     """
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     tl = logging.getLogger("tagray")  # only tagray's own progress lines, not Ray's per-report INFO logs
@@ -82,9 +84,12 @@ def train_loop_per_worker(config: dict) -> None:
     job = StageJob(stage=stage_from_dict(jd.pop("stage")), **jd)
     rt = RayTrainRuntime(job.stage.scaling.strategy)
     base = attach_base(config["base"], rt.device) if config.get("base") else None
+    tasks = None
+    if config.get("ingest") is not None:  # scaling.ingest: ray_data: this worker's shard, from Ray Data
+        tasks = shard_task_data(job.stage.tasks, config["ingest"], rt.rank, rt.world_size)
     if config.get("worker_setup") is not None:
-        config["worker_setup"](rt, config)
-    run_stage(job, rt, base=base, config_hash=config.get("config_hash"))
+        config["worker_setup"](rt, {**config, "task_data": tasks})
+    run_stage(job, rt, base=base, config_hash=config.get("config_hash"), task_data=tasks)
 
 
 def fit_stage(
@@ -117,6 +122,10 @@ def fit_stage(
     require_shared_storage({"output": job.output, "init_from": job.init_from, "storage": storage}, resources)
     dtype = resolve_dtype(job.dtype, sc.use_gpu)  # the workers' dtype, decided from their resources
     info = base_info(job.base, dtype) if share_base else None
+    datasets, data_config, ingest = None, None, None
+    if sc.ingest == "ray_data":  # read, split and label on the cluster; every worker gets its own shard
+        datasets, to_split, ingest = ingest_stage(st.tasks, sc.num_workers)
+        data_config = DataConfig(datasets_to_split=to_split)
     jd = {
         "stage": to_dict(st),
         "base": job.base,
@@ -132,8 +141,11 @@ def fit_stage(
             "base": info,
             "config_hash": config_hash,
             "worker_setup": worker_setup,
+            "ingest": ingest,
             **(extra or {}),
         },
+        datasets=datasets,
+        dataset_config=data_config,
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,

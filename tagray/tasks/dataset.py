@@ -17,6 +17,7 @@ from ..core.template import template_tags
 from .labels import compute
 from .spec import TaskSpec
 from .splits import SPLITS, assign, check_nonempty, load_rows
+from .stream import check_columns
 from .validators import validate
 
 log = logging.getLogger("tagray")
@@ -28,6 +29,9 @@ class TaskData:
     splits: dict[str, list[dict]]  # split -> rows (validated fields + "_target")
     dropped: int  # rows dropped for invalid fields or labels (or, in a scaffold split, unparsable SMILES)
     split_info: dict = field(default_factory=dict)  # kind of split; scaffold counts; inputs also in train
+    # set when the training rows are this worker's shard only (Ray Data ingest): {"rank", "world",
+    # "rows": {split: rows in the whole split}, "stats": the whole training split's target statistics}
+    shard: dict | None = None
 
     def tags(self) -> list[str]:
         """Every tag name the rows use (dynamic tags resolved), in first-seen order."""
@@ -97,7 +101,14 @@ def _classes(spec: TaskSpec, rows: list[dict]) -> TaskSpec:
     col = spec.target.column
     if not rows or col not in rows[0]:
         raise ConfigError(f"task {spec.name}.target.column", f"column {col!r} not in the data")
-    classes = tuple(sorted({str(r[col]) for r in rows if r.get(col) is not None}))
+    return with_classes(spec, {str(r[col]) for r in rows if r.get(col) is not None})
+
+
+def with_classes(spec: TaskSpec, values) -> TaskSpec:
+    """A classification task whose config names no classes, with the label values found in its data."""
+    if spec.target.kind != "classification" or spec.target.classes:
+        return spec
+    classes = tuple(sorted(values))
     from dataclasses import replace
 
     raw = dict(spec.raw)
@@ -121,21 +132,12 @@ def _build(spec: TaskSpec, progress_s: float | None = None) -> TaskData:
     rows = load_rows(spec)
     if not rows:
         raise ConfigError(f"task {spec.name}.source", "no rows")
+    check_columns(spec, list(rows[0]))
     for col, allowed in spec.filter.items():
-        if col not in rows[0]:
-            raise ConfigError(f"task {spec.name}.filter.{col}", f"no such column; columns: {sorted(rows[0])}")
         allowed = set(allowed if isinstance(allowed, list) else [allowed])
         rows = [r for r in rows if r.get(col) in allowed]
         if not rows:
             raise ConfigError(f"task {spec.name}.filter.{col}", f"no row has a value in {sorted(allowed)}")
-    needed = set(spec.input_fields) | ({spec.target.field} - {None}) | set(spec.target.columns)
-    needed |= {spec.target.column} - {None}
-    needed -= set(spec.derive)
-    missing = [c for c in sorted(needed) if c not in rows[0]]
-    if missing:
-        raise ConfigError(
-            f"task {spec.name}.columns", f"column {missing[0]!r} not in the data; columns: {sorted(rows[0])}"
-        )
     spec = _classes(spec, rows)
     # assign splits and a fixed order from the raw rows alone, then validate and label rows in that order
     # only until each split's limit is reached (labels such as QED are the expensive part)

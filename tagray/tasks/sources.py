@@ -209,10 +209,8 @@ def django_pairs(pairs=(("EN", "FR"), ("FR", "EN"))) -> list[dict]:
     return rows
 
 
-def load_file(path: str, fmt: str | None = None) -> list[dict]:
-    """Rows of a CSV / JSONL / Parquet file, local or ``s3://``, loaded with Hugging Face ``datasets``."""
-    import datasets
-
+def file_format(path: str, fmt: str | None = None) -> str:
+    """``csv``, ``json`` (JSON lines) or ``parquet``: as given, else from the file's extension."""
     fmt = fmt or {"csv": "csv", "tsv": "csv", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(
         path.rsplit(".", 1)[-1].lower()
     )
@@ -220,6 +218,14 @@ def load_file(path: str, fmt: str | None = None) -> list[dict]:
         raise ConfigError(
             "source.format", f"cannot tell the format of {path!r}; set format: csv|json|parquet"
         )
+    return fmt
+
+
+def load_file(path: str, fmt: str | None = None) -> list[dict]:
+    """Rows of a CSV / JSONL / Parquet file, local or ``s3://``, loaded with Hugging Face ``datasets``."""
+    import datasets
+
+    fmt = file_format(path, fmt)
     kwargs = {"delimiter": "\t"} if path.endswith(".tsv") else {}
     local = path
     with tempfile.TemporaryDirectory(prefix="tagray-data-") as tmp:

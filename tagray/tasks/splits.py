@@ -149,11 +149,11 @@ class Assigned:
     info: dict = field(default_factory=dict)
 
 
-def _dedup_key(spec: TaskSpec, r: dict) -> str:
+def dedup_key(spec: TaskSpec, r: dict) -> str:
     return json.dumps({f: r.get(f) for f in spec.input_fields + [spec.target.field or ""]}, default=str)
 
 
-def _order_key(spec: TaskSpec) -> str | None:
+def order_key(spec: TaskSpec) -> str | None:
     return (
         spec.split.get("key")
         or spec.split.get("scaffold")
@@ -171,7 +171,7 @@ def _need_column(spec: TaskSpec, rows: list[dict], col: str, what: str) -> None:
 def assign(spec: TaskSpec, rows: list[dict]) -> Assigned:
     """Assign every (deduplicated) row to a split and order each split by a hash of its key."""
     kind = split_kind(spec.split)
-    key_col = _order_key(spec)
+    key_col = order_key(spec)
     if kind == "key" and spec.split.get("key"):
         _need_column(spec, rows, spec.split["key"], "key")
     if kind == "column":
@@ -181,38 +181,47 @@ def assign(spec: TaskSpec, rows: list[dict]) -> Assigned:
     fn = {"key": _by_hash, "column": _by_column, "files": _by_column, "scaffold": _by_scaffold}[kind]
     out = fn(spec, rows)
     for s in SPLITS:
-        # the order fixes which rows a limit keeps; the tiny row term breaks ties between equal keys
         out.splits[s] = [
             r
-            for _, r in sorted(
-                (
-                    (_u(str(r.get(key_col)) if key_col else d, "tagray-order-v1") + _u(d, "row") * 1e-9, r)
-                    for d, r in out.splits[s]
-                ),
-                key=lambda x: x[0],
-            )
+            for _, r in sorted(((row_order(key_col, d, r), r) for d, r in out.splits[s]), key=lambda x: x[0])
         ]
     out.info["kind"] = kind
     return out
+
+
+def row_order(key_col: str | None, d: str, r: dict) -> float:
+    """A row's place within its split (``d``: its dedup key). The order fixes which rows a limit keeps;
+    the tiny row term breaks ties between equal keys."""
+    return _u(str(r.get(key_col)) if key_col else d, "tagray-order-v1") + _u(d, "row") * 1e-9
+
+
+def hash_split(spec: TaskSpec, key_col: str | None, d: str, r: dict) -> str:
+    """The split of one row under a hash split (``tagray-split-v1``, frozen)."""
+    u = _u(str(r.get(key_col)) if key_col else d)
+    te, va = spec.split["test"], spec.split["valid"]
+    return "test" if u < te else "valid" if u < te + va else "train"
+
+
+def named_split(value) -> str | None:
+    """The split a split column's (or ``split.files``') value names, or None."""
+    return SPLIT_NAMES.get(str(value).strip().lower()) if value is not None else None
 
 
 def _unique(spec: TaskSpec, rows: list[dict]):
     """``(dedup key, row)`` for the first row of each distinct input (+ LM target)."""
     seen: set[str] = set()
     for r in rows:
-        d = _dedup_key(spec, r)
+        d = dedup_key(spec, r)
         if d not in seen:
             seen.add(d)
             yield d, r
 
 
 def _by_hash(spec: TaskSpec, rows: list[dict]) -> Assigned:
-    key_col = _order_key(spec)
-    te, va = spec.split["test"], spec.split["valid"]
+    key_col = order_key(spec)
     splits: dict[str, list] = {s: [] for s in SPLITS}
     for d, r in _unique(spec, rows):
-        u = _u(str(r.get(key_col)) if key_col else d)
-        splits["test" if u < te else "valid" if u < te + va else "train"].append((d, r))
+        splits[hash_split(spec, key_col, d, r)].append((d, r))
     return Assigned(splits)
 
 
@@ -224,13 +233,13 @@ def _by_column(spec: TaskSpec, rows: list[dict]) -> Assigned:
     bad: set[str] = set()
     for r in rows:
         v = r.get(col)
-        name = SPLIT_NAMES.get(str(v).strip().lower()) if v is not None else None
+        name = named_split(v)
         if name is None:
             bad.add("<missing>" if v is None else repr(v))
             continue
         if col == FILE_COL:
             r = {k: x for k, x in r.items() if k != FILE_COL}
-        d = _dedup_key(spec, r)
+        d = dedup_key(spec, r)
         if d not in seen[name]:  # duplicates within a split only; the user's split is kept as given
             seen[name].add(d)
             splits[name].append((d, r))

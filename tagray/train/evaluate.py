@@ -160,6 +160,8 @@ def lm_references(
     tot = sum(lo * n for lo, n in zip(r["loss"], r["ntok"], strict=True))
     out = {"untagged_loss": tot / max(1, sum(r["ntok"]))}
     counts = Counter(t for e in setup.examples(td, "train") for t in e.enc.labels if t != -100)
+    if td.shard is not None:  # this rank's training rows are a shard: count over all of them
+        counts = sum(rt.all_gather(counts), Counter())
     total = sum(counts.values()) + len(counts) + 1
     nll, n = 0.0, 0
     for e in setup.examples(td, split, limit):

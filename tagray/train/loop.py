@@ -84,15 +84,17 @@ class Trainer:
         self.train, self.device, self.autocast = train, device, autocast
         cfg = setup.cfg
         self.opt, self.params = make_optimizer(setup)
-        self.total = total_steps(cfg, len(train), rt.world_size)
+        # a rank holding a shard has 1 / world of the rows (equal shards), else every rank has every row
+        rows = len(train) * rt.world_size if setup.sharded else len(train)
+        self.total = total_steps(cfg, rows, rt.world_size)
         warmup = int(cfg.warmup_ratio * self.total)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(warmup, self.total))
         self.sampler = BucketBatchSampler(
             [len(e.enc) for e in train],
             cfg.batch_size,
             seed=cfg.seed,
-            num_replicas=rt.world_size,
-            rank=rt.rank,
+            num_replicas=1 if setup.sharded else rt.world_size,
+            rank=0 if setup.sharded else rt.rank,
             bucketing=cfg.bucketing,
             groups=[e.task for e in train] if cfg.task_batches else None,
         )

@@ -7,6 +7,7 @@ stages differ only in their data (:class:`~tagray.config.StageConfig`), never in
 from __future__ import annotations
 
 import random
+import resource
 import time
 from dataclasses import asdict
 
@@ -41,17 +42,58 @@ def _step0(tr: Trainer, rt, device, autocast) -> dict:
     return test0
 
 
+def _meta(job: StageJob, setup: Setup, tr: Trainer, kept: dict, config_hash, t0: float) -> dict:
+    """What the artifact records about the run besides tags, heads and metrics."""
+    store = setup.model.prefix_store
+    return {
+        "run": job.run_name,
+        "base": job.base,
+        "kept_steps": kept,
+        "steps": tr.state.step,
+        "train_config": asdict(setup.cfg),
+        "tasks": [td.spec.name for td in setup.tasks],
+        "config_hash": config_hash,
+        "resumed_from_step": tr.state.resumed_from_step,
+        # this worker's wall time: setup, training, test (a resumed run: since resuming)
+        "seconds": round(time.time() - t0, 1),
+        "probe": setup.probe,
+        # rows of each task's whole training split; sharded: each worker held only its share (Ray Data
+        # ingest), and baselines, fitted on rank 0, saw rank 0's shard
+        "train_rows": {
+            td.spec.name: td.shard["rows"]["train"] if td.shard else len(td.splits["train"])
+            for td in setup.tasks
+        },
+        "sharded": setup.sharded,
+        "ingest": {
+            td.spec.name: {k: td.shard[k] for k in ("rows", "blocks", "peak_rss_mb")} for td in setup.tasks
+        }
+        if setup.sharded
+        else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # rank 0's
+        "feature_memo": {"hits": setup.memo.hits, "misses": setup.memo.misses},  # rows read, not recomputed
+        "prefix_cache": {"rows": len(store), "bytes_per_row": store.bytes_per_row(), **store.stats}
+        if store
+        else None,
+    }
+
+
 def run_stage(
-    job: StageJob, runtime: Runtime | None = None, base: Base | None = None, config_hash: str | None = None
+    job: StageJob,
+    runtime: Runtime | None = None,
+    base: Base | None = None,
+    config_hash: str | None = None,
+    task_data: list | None = None,
 ) -> tuple[TagSet, dict]:
-    """Train one stage; returns the final tag set (each group's best validation state) and test metrics."""
+    """Train one stage; returns the final tag set (each group's best validation state) and test metrics.
+
+    ``task_data``: the stage's tasks as the executor ingested them (default: read here)."""
     t0 = time.time()
     rt = runtime or Runtime()
     cfg = job.stage.train
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = rt.device
-    setup = build_setup(job, base, device, rank=rt.rank)
+    setup = build_setup(job, base, device, rt=rt, task_data=task_data)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     wrapped = rt.wrap(setup.model)
     tr = Trainer(setup, job.stage.name, rt, wrapped, _train_rows(setup), device, autocast)
@@ -98,24 +140,7 @@ def run_stage(
     for td in setup.eval_tasks:
         metrics[td.spec.name] = {"test": test.get(td.spec.name, {}), "stage": job.stage.name}
     final = current_tagset(setup, metrics, stage=job.stage.name)
-    store = setup.model.prefix_store
-    final.meta = {
-        "run": job.run_name,
-        "base": job.base,
-        "kept_steps": kept,
-        "steps": tr.state.step,
-        "train_config": asdict(cfg),
-        "tasks": [td.spec.name for td in setup.tasks],
-        "config_hash": config_hash,
-        "resumed_from_step": tr.state.resumed_from_step,
-        # this worker's wall time: setup, training, test (a resumed run: since resuming)
-        "seconds": round(time.time() - t0, 1),
-        "probe": setup.probe,
-        "feature_memo": {"hits": setup.memo.hits, "misses": setup.memo.misses},  # rows read, not recomputed
-        "prefix_cache": {"rows": len(store), "bytes_per_row": store.bytes_per_row(), **store.stats}
-        if store
-        else None,
-    }
+    final.meta = _meta(job, setup, tr, kept, config_hash, t0)
     if rt.rank == 0 and job.output:
         save_tagset(final, job.output)
         write_curves(tr.state.history, job.output, f"stage {job.stage.name} ({job.run_name})")

@@ -67,6 +67,11 @@ class Setup:
     def pad_id(self) -> int:
         return self.base.tokenizer.pad_token_id
 
+    @property
+    def sharded(self) -> bool:
+        """Each worker holds only its own training rows (Ray Data ingest), not every row."""
+        return any(td.shard is not None for td in self.tasks)
+
     def head_names(self) -> list[str]:
         return self.model.heads.names if self.model.heads is not None else []
 
@@ -82,6 +87,18 @@ def target_spec(td: TaskData) -> HeadSpec:
     spec = td.spec
     if spec.target.kind == "classification":
         return HeadSpec("classification", len(spec.target.classes), classes=spec.target.classes)
+    if td.shard is not None:  # this worker holds a shard: the whole split's statistics came with it
+        st = td.shard["stats"]
+        return HeadSpec(
+            "regression",
+            len(st["mean"]),
+            tuple(st["mean"]),
+            tuple(max(v, 1e-6) for v in st["std"]),
+            lo=tuple(st["min"]),
+            hi=tuple(st["max"]),
+            clip=spec.target.range,
+            input_chars=tuple(st["chars"]) if st["chars"] else None,
+        )
     rows = td.splits["train"]
     y = torch.tensor([r["_target"] for r in rows], dtype=torch.float64)
     std = y.std(0).clamp_min(1e-6) if len(y) > 1 else torch.ones(y.shape[1], dtype=torch.float64)
@@ -176,14 +193,24 @@ def store_context(model: TagLLM, base: Base, dtype: torch.dtype) -> str:
 
 
 def build_setup(
-    job: StageJob, base: Base | None = None, device: torch.device | None = None, rank: int = 0
+    job: StageJob,
+    base: Base | None = None,
+    device: torch.device | None = None,
+    rank: int = 0,
+    rt=None,
+    task_data: list[TaskData] | None = None,
 ) -> Setup:
-    """Load base, previous tags and task data; create the banks and start the heads. Pure torch."""
+    """Load base, previous tags and task data; create the banks and start the heads. Pure torch.
+
+    ``task_data``: the stage's tasks as the executor ingested them (e.g. this worker's shard of the
+    training rows); default: every row, read here. ``rt``: the runtime (gathers the probe's features over
+    the ranks when each holds a shard)."""
     cfg = job.stage.train
     device = device or torch.device("cpu")
+    rank = rt.rank if rt is not None else rank
     # data and tag-set errors first: a typo must not wait for the base to load
     every = cfg.progress_s if rank == 0 else None
-    tasks = [
+    tasks = task_data or [
         build_task_data(load_task(t) if not isinstance(t, TaskSpec) else t, every) for t in job.stage.tasks
     ]
     eval_tasks = [build_task_data(load_task(t), every) for t in job.stage.eval_tasks]
@@ -243,7 +270,7 @@ def build_setup(
     setup.groups = _groups(tasks, train_tags, train_heads)
     setup.stage, setup.rank = job.stage.name, rank
     with model.prefix_store.fill_lock() if model.prefix_store is not None else contextlib.nullcontext():
-        init_heads(setup, device)  # the probe pass fills the store: with a shared one, once per node
+        init_heads(setup, device, rt)  # the probe pass fills the store: with a shared one, once per node
     return setup
 
 
@@ -278,14 +305,29 @@ def head_features(
     return torch.cat(feats), torch.tensor(ys, dtype=torch.float32)
 
 
-def init_heads(setup: Setup, device) -> None:
+def train_features(setup: Setup, td: TaskData, rows: int | None, device, rt=None):
+    """:func:`head_features` of ``rows`` training rows, over every rank: each computes a share and all get
+    the gathered whole. A rank holding a shard reads ``rows / world`` of its own rows; otherwise every
+    rank holds every row and reads every ``world``-th batch of the first ``rows``."""
+    if rt is None or rt.world_size == 1:
+        return head_features(setup, td, rows, device)
+    if setup.sharded:
+        feats, y = head_features(setup, td, -(-rows // rt.world_size) if rows else None, device)
+    else:
+        feats, y = head_features(setup, td, rows, device, rank=rt.rank, world=rt.world_size)
+    parts = rt.all_gather((feats, y))
+    return torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts])
+
+
+def init_heads(setup: Setup, device, rt=None) -> None:
     """Feature statistics and (``head_init: ridge``) a ridge-probe start for every new head."""
     cfg, heads = setup.cfg, setup.model.heads
     for td in setup.tasks:
         h = td.spec.head_tag
         if h not in setup.train_heads or h in setup.probe:
             continue
-        feats, y = head_features(setup, td, cfg.probe_rows, device)
+        # with every row on every rank, each computes the same probe alone (no collective before DDP)
+        feats, y = train_features(setup, td, cfg.probe_rows, device, rt if setup.sharded else None)
         mu, sd = feature_stats(feats)
         heads.set_stats(h, mu, sd)
         setup.probe[h] = {"rows": len(feats)}
@@ -307,9 +349,7 @@ def refresh_heads(setup: Setup, rt, device) -> None:
         h = td.spec.head_tag
         if h not in setup.train_heads:
             continue
-        feats, y = head_features(setup, td, cfg.refit_rows, device, rank=rt.rank, world=rt.world_size)
-        parts = rt.all_gather((feats, y))
-        feats, y = torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts])
+        feats, y = train_features(setup, td, cfg.refit_rows, device, rt)
         if cfg.head_mode == "batch" or len(feats) < 8:
             heads.set_stats(h, feats.mean(0), heads.stats()[h][1])
             continue
