@@ -246,9 +246,9 @@ def test_a_million_row_csv_on_s3_streams_to_disjoint_worker_shards(
         f" -> peak {driver.peak:.0f} MiB, Ray Data tasks peak {data_rss:.0f} MiB, train worker (rank 0) peak"
         f" {meta['peak_rss_mb']:.0f} MiB"
     )
-    # no task held the file as one block, and no process grew by the file: as Python rows it is
-    # several times its size on disk
+    # no task held the file as one block, and the driver never held its rows: a million Python dicts
+    # alone take more than 180 MiB (a dict is over 180 bytes), over five times this file on disk
     assert ing["blocks"] >= 4, ing
-    assert driver.peak - driver.start < mb, (driver.start, driver.peak)
+    assert driver.peak - driver.start < 3 * mb, (driver.start, driver.peak)
     assert data_rss < 500, data_rss
     assert meta["peak_rss_mb"] < 1000, meta["peak_rss_mb"]
