@@ -13,6 +13,16 @@ from tagray.config import PipelineConfig, parse_pipeline
 SMALL = {"train": 16, "valid": 4, "test": 4}
 """Rows per split of a tiny task."""
 
+ASSAY_TASK = {
+    "name": "assay",
+    "fields": {"smiles": {"type": "smiles"}},
+    "derive": {"logp": {"fn": "rdkit.logp", "args": ["smiles"]}},
+    "template": "The molecule <SMILES> {smiles} has activity <Act>",
+    "function_tag": "<Act>",
+    "target": {"kind": "regression", "columns": ["logp"]},
+}
+"""A user task over a SMILES file with a derived label (add ``source``): a user's regression CSV."""
+
 TINY_TRAIN = {
     "max_steps": 2,
     "eval_every": 2,

@@ -37,14 +37,7 @@ from .hooks import shard_log
 
 slow = pytest.mark.slow
 
-TASK = {
-    "name": "assay",
-    "fields": {"smiles": {"type": "smiles"}},
-    "derive": {"logp": {"fn": "rdkit.logp", "args": ["smiles"]}},
-    "template": "The molecule <SMILES> {smiles} has activity <Act>",
-    "function_tag": "<Act>",
-    "target": {"kind": "regression", "columns": ["logp"]},
-}
+TASK = factories.ASSAY_TASK  # a user task over a SMILES file (the source is added per test)
 
 
 def _mols_csv(tmp_path, n_valid=300, n_bad=300, seed=0):

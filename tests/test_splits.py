@@ -16,16 +16,11 @@ from tagray.tasks.sources import rdkit_nci
 from tagray.tasks.spec import load_task, parse_task
 from tagray.tasks.splits import SPLIT_NAMES, parse_split, scaffold
 
+from . import factories
+
 ROOT = Path(__file__).resolve().parent.parent
 
-TASK = {
-    "name": "assay",
-    "fields": {"smiles": {"type": "smiles"}},
-    "derive": {"logp": {"fn": "rdkit.logp", "args": ["smiles"]}},
-    "template": "The molecule <SMILES> {smiles} has activity <Act>",
-    "function_tag": "<Act>",
-    "target": {"kind": "regression", "columns": ["logp"]},
-}
+TASK = factories.ASSAY_TASK  # a user task over a SMILES file (the source is added per test)
 
 
 def _digest(rows: list[dict], col: str) -> str:

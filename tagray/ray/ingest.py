@@ -29,12 +29,12 @@ from ..tasks.sources import file_format, load_source
 from ..tasks.spec import TaskSpec, load_task
 from ..tasks.splits import FILE_COL, SPLITS, check_nonempty, split_kind
 from ..tasks.stream import (
-    _rank,
     assign_rows,
     check_columns,
     check_summary,
     combine_stats,
     count_labelled,
+    distinct,
     label_rows,
     merge,
     partial_stats,
@@ -121,12 +121,7 @@ def _unlimited(src: ray.data.Dataset, spec: TaskSpec, split: str, n: int) -> ray
         )
 
     def first(t: pa.Table) -> pa.Table:  # duplicates share a block now: keep the one every path keeps
-        best: dict[str, dict] = {}
-        for x in t.column("r").to_pylist():
-            r = json.loads(x)
-            if r["_dedup"] not in best or _rank(r) < _rank(best[r["_dedup"]]):
-                best[r["_dedup"]] = r
-        rows = label_rows(spec, list(best.values()))
+        rows = label_rows(spec, distinct(json.loads(x) for x in t.column("r").to_pylist()))
         return pa.table({c: [r[c] for r in rows] for c in ("_order", "_ok", "_row")})
 
     ds = src.map_batches(mine, batch_format="pyarrow")

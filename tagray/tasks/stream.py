@@ -101,6 +101,17 @@ def _rank(r: dict) -> tuple:
     return r["_order"], json.dumps(r, sort_keys=True, default=str)
 
 
+def distinct(rows) -> list[dict]:
+    """One row per dedup key: the same one whichever blocks the duplicates came in (the least by order,
+    then content)."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        prev = best.get(r["_dedup"])
+        if prev is None or _rank(r) < _rank(prev):
+            best[r["_dedup"]] = r
+    return list(best.values())
+
+
 def class_column(spec: TaskSpec) -> str | None:
     """The label column whose values make the classes (a classification task that names none)."""
     t = spec.target
@@ -113,7 +124,7 @@ def summarize(spec: TaskSpec, rows: list[dict], k: dict[str, int | None]) -> dic
     n = dict.fromkeys(SPLITS, 0)
     bad: set[str] = set()
     classes: set[str] = set()
-    best: dict[str, dict[str, dict]] = {s: {} for s in SPLITS}
+    limited: dict[str, list[dict]] = {s: [] for s in SPLITS}
     ccol = class_column(spec)
     for r in rows:
         s = r["_split"]
@@ -124,10 +135,8 @@ def summarize(spec: TaskSpec, rows: list[dict], k: dict[str, int | None]) -> dic
         if ccol and r.get(ccol) is not None:
             classes.add(str(r[ccol]))
         if k.get(s):
-            prev = best[s].get(r["_dedup"])
-            if prev is None or _rank(r) < _rank(prev):
-                best[s][r["_dedup"]] = r
-    cand = {s: heapq.nsmallest(k[s], best[s].values(), key=_rank) for s in SPLITS if k.get(s)}
+            limited[s].append(r)
+    cand = {s: heapq.nsmallest(k[s], distinct(limited[s]), key=_rank) for s in SPLITS if k.get(s)}
     return {"n": n, "bad": sorted(bad)[:10], "classes": sorted(classes), "candidates": cand}
 
 
@@ -143,12 +152,8 @@ def merge(parts: list[dict], k: dict[str, int | None]) -> dict:
     for s in SPLITS:
         if not k.get(s):
             continue
-        best: dict[str, dict] = {}
-        for p in parts:
-            for r in p["candidates"].get(s, []):
-                if r["_dedup"] not in best or _rank(r) < _rank(best[r["_dedup"]]):
-                    best[r["_dedup"]] = r
-        out["candidates"][s] = heapq.nsmallest(k[s], best.values(), key=_rank)
+        best = distinct(r for p in parts for r in p["candidates"].get(s, []))
+        out["candidates"][s] = heapq.nsmallest(k[s], best, key=_rank)
         blocks_whole = all(len(p["candidates"].get(s, [])) < k[s] for p in parts)
         out["complete"][s] = blocks_whole and len(best) <= k[s]
     out["bad"], out["classes"] = sorted(out["bad"])[:10], sorted(out["classes"])

@@ -87,32 +87,34 @@ def target_spec(td: TaskData) -> HeadSpec:
     spec = td.spec
     if spec.target.kind == "classification":
         return HeadSpec("classification", len(spec.target.classes), classes=spec.target.classes)
-    if td.shard is not None:  # this worker holds a shard: the whole split's statistics came with it
-        st = td.shard["stats"]
-        return HeadSpec(
-            "regression",
-            len(st["mean"]),
-            tuple(st["mean"]),
-            tuple(max(v, 1e-6) for v in st["std"]),
-            lo=tuple(st["min"]),
-            hi=tuple(st["max"]),
-            clip=spec.target.range,
-            input_chars=tuple(st["chars"]) if st["chars"] else None,
-        )
-    rows = td.splits["train"]
-    y = torch.tensor([r["_target"] for r in rows], dtype=torch.float64)
-    std = y.std(0).clamp_min(1e-6) if len(y) > 1 else torch.ones(y.shape[1], dtype=torch.float64)
-    chars = [spec.input_chars(r) for r in rows]
+    # a worker holding a shard got the whole split's statistics with it; otherwise every row is here
+    st = td.shard["stats"] if td.shard is not None else _train_stats(td)
     return HeadSpec(
         "regression",
-        y.shape[1],
-        tuple(y.mean(0).tolist()),
-        tuple(std.tolist()),
-        lo=tuple(y.min(0).values.tolist()),
-        hi=tuple(y.max(0).values.tolist()),
+        len(st["mean"]),
+        tuple(st["mean"]),
+        tuple(max(v, 1e-6) for v in st["std"]),
+        lo=tuple(st["min"]),
+        hi=tuple(st["max"]),
         clip=spec.target.range,
-        input_chars=(min(chars), max(chars)) if chars else None,
+        input_chars=tuple(st["chars"]) if st["chars"] else None,
     )
+
+
+def _train_stats(td: TaskData) -> dict:
+    """The training targets' mean, std (1 for a single row), min, max and input lengths (the shape of
+    :func:`tagray.tasks.stream.combine_stats`)."""
+    rows = td.splits["train"]
+    y = torch.tensor([r["_target"] for r in rows], dtype=torch.float64)
+    std = y.std(0) if len(y) > 1 else torch.ones(y.shape[1], dtype=torch.float64)
+    chars = [td.spec.input_chars(r) for r in rows]
+    return {
+        "mean": y.mean(0).tolist(),
+        "std": std.tolist(),
+        "min": y.min(0).values.tolist(),
+        "max": y.max(0).values.tolist(),
+        "chars": [min(chars), max(chars)] if chars else None,
+    }
 
 
 def _select_tags(
@@ -196,18 +198,17 @@ def build_setup(
     job: StageJob,
     base: Base | None = None,
     device: torch.device | None = None,
-    rank: int = 0,
     rt=None,
     task_data: list[TaskData] | None = None,
 ) -> Setup:
     """Load base, previous tags and task data; create the banks and start the heads. Pure torch.
 
     ``task_data``: the stage's tasks as the executor ingested them (e.g. this worker's shard of the
-    training rows); default: every row, read here. ``rt``: the runtime (gathers the probe's features over
-    the ranks when each holds a shard)."""
+    training rows); default: every row, read here. ``rt``: the runtime (its rank prints progress; it
+    gathers the probe's features over the ranks when each holds a shard)."""
     cfg = job.stage.train
     device = device or torch.device("cpu")
-    rank = rt.rank if rt is not None else rank
+    rank = rt.rank if rt is not None else 0
     # data and tag-set errors first: a typo must not wait for the base to load
     every = cfg.progress_s if rank == 0 else None
     tasks = task_data or [
