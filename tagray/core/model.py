@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import use_folded_gqa
 from .heads import HeadBank
 from .prefix import KV, PrefixStore, _gather, row_key, run_segment, split_points, supports_prefix
 from .tags import TagBank
@@ -98,6 +99,7 @@ class TagLLM(nn.Module):
     ):
         super().__init__()
         self.base = base
+        use_folded_gqa(base)  # exact GQA attention without repeat_kv copies of the cached prefix (.attention)
         self.tags = tags
         self.heads = heads
         self.isolate_spans = isolate_spans

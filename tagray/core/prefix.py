@@ -143,9 +143,12 @@ class KV:
         """Rows from :meth:`row` (each ``(layers, 2, heads, L_b, hd)``) padded into one batch."""
         L, _, H, _, D = rows[0].shape
         P = max(r.shape[3] for r in rows)
-        buf = torch.zeros(L, 2, len(rows), H, P, D, dtype=dtype, device=device)
+        buf = torch.empty(L, 2, len(rows), H, P, D, dtype=dtype, device=device)
         for b, r in enumerate(rows):
-            buf[:, :, b, :, : r.shape[3]] = r.to(device=device, dtype=dtype)
+            n = r.shape[3]
+            buf[:, :, b, :, :n] = r.to(device=device, dtype=dtype)
+            # masked slots get softmax weight 0, but 0 * NaN is NaN: only the padding is zeroed, not the buffer
+            buf[:, :, b, :, n:] = 0
         n = torch.tensor([r.shape[3] for r in rows], device=device)
         return KV(
             [(buf[i, 0], buf[i, 1]) for i in range(L)], torch.arange(P, device=device)[None] < n[:, None]

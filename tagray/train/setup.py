@@ -306,16 +306,16 @@ def head_features(
     return torch.cat(feats), torch.tensor(ys, dtype=torch.float32)
 
 
-def train_features(setup: Setup, td: TaskData, rows: int | None, device, rt=None):
+def train_features(setup: Setup, td: TaskData, rows: int | None, device, rt=None, batch_size: int = 16):
     """:func:`head_features` of ``rows`` training rows, over every rank: each computes a share and all get
     the gathered whole. A rank holding a shard reads ``rows / world`` of its own rows; otherwise every
     rank holds every row and reads every ``world``-th batch of the first ``rows``."""
     if rt is None or rt.world_size == 1:
-        return head_features(setup, td, rows, device)
+        return head_features(setup, td, rows, device, batch_size)
     if setup.sharded:
-        feats, y = head_features(setup, td, -(-rows // rt.world_size) if rows else None, device)
+        feats, y = head_features(setup, td, -(-rows // rt.world_size) if rows else None, device, batch_size)
     else:
-        feats, y = head_features(setup, td, rows, device, rank=rt.rank, world=rt.world_size)
+        feats, y = head_features(setup, td, rows, device, batch_size, rank=rt.rank, world=rt.world_size)
     parts = rt.all_gather((feats, y))
     return torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts])
 
@@ -328,7 +328,9 @@ def init_heads(setup: Setup, device, rt=None) -> None:
         if h not in setup.train_heads or h in setup.probe:
             continue
         # with every row on every rank, each computes the same probe alone (no collective before DDP)
-        feats, y = train_features(setup, td, cfg.probe_rows, device, rt if setup.sharded else None)
+        # the probe pass runs every row's full prompt once (it fills the prefix store): batches of 64 rows
+        # keep the CPU's matrix products ~25% busier than 16 (the suffix passes later stay at 16)
+        feats, y = train_features(setup, td, cfg.probe_rows, device, rt if setup.sharded else None, 64)
         mu, sd = feature_stats(feats)
         heads.set_stats(h, mu, sd)
         setup.probe[h] = {"rows": len(feats)}
