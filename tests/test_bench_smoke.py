@@ -13,6 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tagray.core.tiny import tiny_base
+from tagray.train.job import Runtime, StageJob
+from tagray.train.recipe import run_stage
+
+from .factories import stage_dict, tiny_pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A bare GPU machine: torch, transformers and peft only. Imports of Ray, RDKit or datasets fail.
@@ -144,24 +150,36 @@ def test_gpu_bench_lengths_match_the_measured_smiles_distribution():
 
 
 def test_reproduce_smoke(tmp_path):
+    """Every method, ablation, sweep and the translation comparison on a tiny model: a regression and a
+    classification task, two split seeds (mean and std), the page generated from the JSON."""
     from bench import reproduce
 
     out, doc = tmp_path / "reproduce.json", tmp_path / "reproduction.md"
     threads = torch.get_num_threads()
+    cross = tmp_path / "cross"  # a stage-3-like artifact: language tags + <Translate>
+    cfg = tiny_pipeline(stages=[stage_dict("cross", "lang_lm", "translate")])
+    run_stage(StageJob(cfg.stages[0], output=str(cross)), Runtime(), base=tiny_base())  # the smoke's base
     try:
-        argv = ["--smoke", "--out", str(out), "--doc", str(doc), "--work", str(tmp_path / "w"), "--cross", ""]
-        assert reproduce.main(argv) == 0
+        argv = ["--smoke", "--out", str(out), "--doc", str(doc), "--work", str(tmp_path / "w")]
+        assert reproduce.main([*argv, "--cross", str(cross)]) == 0
     finally:
         torch.set_num_threads(threads)
     res = json.loads(out.read_text())
-    methods = {"tag-llm", "train-mean", "prompt-tuning+head", "lora+head", "linear-probe"}
-    assert set(res["main"]) == methods
-    for per in res["main"].values():
-        assert set(per) == {"qed", "logp", "descriptor"}
-        assert all(math.isfinite(m["mse"]) and m["mse"] > 0 for m in per.values())
-    assert len(res["ablations"]) == 3 and set(res["sweep"]) == {"1", "2"}
+    methods = {"tag-llm", "step 0", "ridge probe", "prompt-tuning+head", "lora+head", "expert", "train-mean"}
+    assert set(res["runs"]) == methods
+    for method, per in res["runs"].items():
+        assert set(per) == {"qed", "amp"}, method
+        assert all(set(seeds) == {"1", "2"} for seeds in per.values())
+        assert all(math.isfinite(m["mse"]) and m["mse"] > 0 for m in per["qed"].values()), method
+        assert all(0 <= m["accuracy"] <= 1 for m in per["amp"].values()), method
+    assert res["summary"]["runs"]["tag-llm"]["qed"]["mse"]["n"] == 2
+    assert len(res["ablations"]) == 2 and set(res["sweep"]) == {"1", "3"}
+    tr = res["translation"]
+    assert set(tr) == {"translate", "translate_zeroshot"}
+    assert all(math.isfinite(v) for t in tr.values() for k, v in t.items() if k not in ("pairs", "n"))
     text = doc.read_text()
     assert "| tag-llm |" in text and "## Ablations" in text and "python bench/reproduce.py --smoke" in text
+    assert " ± " in text and "## Translation" in text
 
 
 def test_rendered_pages_match_their_json():

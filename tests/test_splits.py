@@ -165,6 +165,9 @@ def test_one_file_per_split_in_any_format(tmp_path):
         ({"files": {"valid": "a.csv"}}, "split.files"),
         ({"files": {"train": "a.csv", "holdout": "b.csv"}}, "split.files.holdout"),
         ({"scaffold": 3}, "split.scaffold"),
+        ({"key": "smiles", "seed": -1}, "split.seed"),
+        ({"key": "smiles", "seed": "one"}, "split.seed"),
+        ({"column": "fold", "seed": 1}, "split.seed"),
         ("smiles", "split"),
     ],
 )
@@ -178,6 +181,29 @@ def test_hash_split_normal_form_is_unchanged():
     # artifacts record the parsed task; the hash kind's normal form must stay what it always was
     assert parse_split({"key": "smiles"}, "s") == {"valid": 0.1, "test": 0.1, "key": "smiles"}
     assert parse_split(None, "s") == {"valid": 0.1, "test": 0.1}
+
+
+def test_split_seed_draws_another_random_split_and_seed_0_is_the_frozen_one():
+    """``split.seed`` (the seeds of a reproduction): another hash split and row order per seed, each as
+    deterministic as the frozen one; seed 0 is exactly the frozen split."""
+    spec = load_task("qed")
+    frozen = build_task_data(spec)
+    zero = build_task_data(parse_task({**spec.raw, "split": {**spec.raw["split"], "seed": 0}}))
+    assert all(_digest(zero.splits[s], "smiles") == _digest(frozen.splits[s], "smiles") for s in SPLITS3)
+    one, again = (
+        build_task_data(parse_task({**spec.raw, "name": n, "split": {**spec.raw["split"], "seed": 1}}))
+        for n in ("qed_s1", "qed_s1b")
+    )
+    test0 = {r["smiles"] for r in frozen.splits["test"]}
+    test1 = {r["smiles"] for r in one.splits["test"]}
+    assert test1 != test0 and len(test1 & test0) < 0.5 * len(test1)  # another draw, not a shuffle
+    assert [r["smiles"] for r in again.splits["train"]] == [r["smiles"] for r in one.splits["train"]]
+    for s in SPLITS3:  # the three splits of one seed stay disjoint
+        others = {r["smiles"] for t in SPLITS3 if t != s for r in one.splits[t]}
+        assert not others & {r["smiles"] for r in one.splits[s]}
+
+
+SPLITS3 = ("train", "valid", "test")
 
 
 def test_empty_splits_fail_unless_turned_off(tmp_path, caplog):

@@ -41,10 +41,10 @@ SPLIT_NAMES = {
     "testing": "test",
 }
 _ALLOWED = {
-    "key": {"key", "valid", "test"},
+    "key": {"key", "valid", "test", "seed"},
     "column": {"column"},
     "files": {"files"},
-    "scaffold": {"scaffold", "valid", "test"},
+    "scaffold": {"scaffold", "valid", "test", "seed"},
 }
 
 
@@ -96,6 +96,9 @@ def parse_split(d, where: str) -> dict:
         _fractions(split, where)
         if not isinstance(split.get(kind, ""), str):
             raise ConfigError(f"{where}.{kind}", "must be a column name")
+        seed = split.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"{where}.seed", f"must be an integer >= 0, got {seed!r}")
         return split
     if kind == "column" and not isinstance(d["column"], str):
         raise ConfigError(f"{where}.column", "must be a column name")
@@ -183,21 +186,30 @@ def assign(spec: TaskSpec, rows: list[dict]) -> Assigned:
     for s in SPLITS:
         out.splits[s] = [
             r
-            for _, r in sorted(((row_order(key_col, d, r), r) for d, r in out.splits[s]), key=lambda x: x[0])
+            for _, r in sorted(
+                ((row_order(key_col, d, r, spec.split.get("seed")), r) for d, r in out.splits[s]),
+                key=lambda x: x[0],
+            )
         ]
     out.info["kind"] = kind
     return out
 
 
-def row_order(key_col: str | None, d: str, r: dict) -> float:
+def _salted(salt: str, seed: int | None) -> str:
+    """``split.seed`` 0 (or absent) keeps the frozen salts, so existing splits never move."""
+    return f"{salt}:{seed}" if seed else salt
+
+
+def row_order(key_col: str | None, d: str, r: dict, seed: int | None = 0) -> float:
     """A row's place within its split (``d``: its dedup key). The order fixes which rows a limit keeps;
-    the tiny row term breaks ties between equal keys."""
-    return _u(str(r.get(key_col)) if key_col else d, "tagray-order-v1") + _u(d, "row") * 1e-9
+    the tiny row term breaks ties between equal keys. ``seed``: ``split.seed`` (another random order)."""
+    return _u(str(r.get(key_col)) if key_col else d, _salted("tagray-order-v1", seed)) + _u(d, "row") * 1e-9
 
 
 def hash_split(spec: TaskSpec, key_col: str | None, d: str, r: dict) -> str:
-    """The split of one row under a hash split (``tagray-split-v1``, frozen)."""
-    u = _u(str(r.get(key_col)) if key_col else d)
+    """The split of one row under a hash split (``tagray-split-v1``, frozen; ``split.seed`` > 0 draws
+    another random split, e.g. the seeds of a reproduction)."""
+    u = _u(str(r.get(key_col)) if key_col else d, _salted("tagray-split-v1", spec.split.get("seed")))
     te, va = spec.split["test"], spec.split["valid"]
     return "test" if u < te else "valid" if u < te + va else "train"
 

@@ -92,7 +92,9 @@ def assign_rows(spec: TaskSpec, rows: list[dict]) -> list[dict]:
                 continue
             r = {k: x for k, x in r.items() if k != FILE_COL}
             d = dedup_key(spec, r)
-        out.append({**r, "_split": name, "_order": row_order(key_col, d, r), "_dedup": d})
+        out.append(
+            {**r, "_split": name, "_order": row_order(key_col, d, r, spec.split.get("seed")), "_dedup": d}
+        )
     return out
 
 
