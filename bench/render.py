@@ -88,6 +88,33 @@ def _varpro(d: dict) -> str:
     return table(["step (full-batch, normalised, ridge re-fit)", "val loss"], rows)
 
 
+def _diag_command(a: dict) -> str:
+    runs = " ".join(f"--run '{r}'" for r in a.get("run", []))
+    return (
+        f"python bench/diagnose.py --task {a['task']} --rows {a['rows']} --valid {a['valid']} --test {a['test']} "
+        f"--p {a['p']} --only {' '.join(a['only'])} {runs}"
+    )
+
+
+def _diag_curves(d: dict) -> str:
+    """A ``diagnose.py --run`` file: each run's validation and training-objective curves and its test."""
+    rows = []
+    for r in d.get("custom", []):
+        by = {
+            k: ", ".join(f"{c['step']}: {fmt(c[k])}" for c in r["curve"] if c[k] == c[k])
+            for k in ("val", "train")
+        }
+        rows.append([r["name"], by["val"], by["train"], r["best_step"], next(iter(r["test"].values()))])
+    probe = "; ".join(
+        f"{h} step-0 ridge probe on {v['rows']} rows, lambda {fmt(v.get('lambda'))}"
+        for h, v in d["probe"].items()
+    )
+    head = f"`{_diag_command(d['args'])}` ({probe})\n\n"
+    return head + table(
+        ["run", "validation loss at step", "training objective at step", "kept step", "test MSE (kept)"], rows
+    )
+
+
 def _main_metric(m: dict) -> tuple[str, float | None]:
     for k in ("mse", "accuracy", "loss"):
         if k in m:
@@ -108,7 +135,21 @@ def _demo(d: dict) -> str:
             ref = {"mse": m.get("baseline_mse"), "loss": m.get("unigram_loss")}.get(key)
             untagged = m.get("untagged_loss") if key == "loss" else None
             kept = r.get("kept_step", {}).get(task, "-")
-            rows.append([stage, task, f"{key}", s0, val, kept, ref, untagged])
+            best = r.get("baselines_best", {}).get(task)
+            expert = r.get("baselines", {}).get(task, {}).get(best, {}).get(key) if best else None
+            rows.append(
+                [
+                    stage,
+                    task,
+                    f"{key}",
+                    s0,
+                    val,
+                    kept,
+                    ref,
+                    untagged,
+                    f"{fmt(expert)} ({best})" if best else "-",
+                ]
+            )
     secs = {st: r["seconds"] for st, r in d.items() if r.get("seconds")}
     took = ", ".join(f"{st} {fmt(v / 60, 3)}" for st, v in secs.items())
     if len(secs) == len(d) and len(secs) > 1:
@@ -123,6 +164,7 @@ def _demo(d: dict) -> str:
             "kept step",
             "train-mean MSE / unigram LM loss",
             "untagged prompt LM loss",
+            "best expert model (chosen on valid)",
         ],
         rows,
     ) + (f"\n\nStage wall time (minutes, setup to test metrics): {took}." if took else "")
@@ -171,6 +213,9 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "demo-curves": ("demo_curves.json", _curves),
     "demo-results": ("demo_summary.json", _demo),
     "diagnose-varpro": ("diagnose.json", _varpro),
+    "diagnose-old-recipe": ("diagnose_old_recipe.json", _diag_curves),
+    "diagnose-lr": ("diagnose_lr.json", _diag_curves),
+    "diagnose-rows": ("diagnose_rows.json", _diag_curves),
     "diagnose-custom": ("diagnose.json", _diag("custom")),
     "diagnose-line": ("diagnose.json", _line_search),
     "diagnose-grid": ("diagnose.json", _diag("grid")),

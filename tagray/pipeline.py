@@ -130,6 +130,7 @@ def _stage_result(job: StageJob) -> dict:
         "kept_step": {t: m.get("kept_step") for t, m in mine.items() if "kept_step" in m},
         "step0": {t: m.get("step0", {}) for t, m in mine.items() if "step0" in m},
         "baselines": {t: m["baselines"] for t, m in mine.items() if "baselines" in m},
+        "baselines_best": {t: m["baselines_best"] for t, m in mine.items() if m.get("baselines_best")},
         "seconds": ts.meta.get("seconds"),
     }
 

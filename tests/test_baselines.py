@@ -148,4 +148,5 @@ def test_stage_records_baselines_beside_the_tag_when_asked(tiny_llama, tmp_path)
 
     r = _stage_result(job)
     assert r["baselines"]["qed"] == b
+    assert r["baselines_best"]["qed"] in b  # the model chosen on the validation split, named
     assert "baseline morgan/ridge MSE" in format_results({"s": r})

@@ -136,6 +136,7 @@ def run_stage(
 
             b = fit_baselines(td.spec, data=td, seed=cfg.seed)
             metrics[name]["baselines"] = {k: m.get("test", {}) for k, m in b["models"].items()}
+            metrics[name]["baselines_best"] = b.get("best")  # chosen on the validation split
             rt.log(f"stage {job.stage.name}: {name} baselines (best: {b.get('best')}) fitted")
     for td in setup.eval_tasks:
         metrics[td.spec.name] = {"test": test.get(td.spec.name, {}), "stage": job.stage.name}
