@@ -74,7 +74,7 @@ def test_every_long_loop_of_a_stage_prints_progress_with_an_eta(tiny_llama, capl
             limits,
             max_steps=2,
             eval_every=2,
-            batch_size=40,
+            batch_size=80,
             eval_rows=20,
             log_every=100,
             progress_s=progress_s,
@@ -82,14 +82,15 @@ def test_every_long_loop_of_a_stage_prints_progress_with_an_eta(tiny_llama, capl
 
     with caplog.at_level(logging.INFO, logger="tagray"):
         run_stage(
-            StageJob(stage=stage(0, {"train": 40, "valid": 20, "test": 20})), Runtime(), base=tiny_llama
+            StageJob(stage=stage(0, {"train": 80, "valid": 20, "test": 20})), Runtime(), base=tiny_llama
         )
     lines = [r.getMessage() for r in caplog.records]
     for what in (
         "task qed: labelling train rows",
-        "qed head features (40 training rows)",
-        "varpro features (40 rows)",
+        "qed head features (80 training rows)",
+        "varpro features (40 rows)",  # the step's gradient half
         "varpro gradient (40 rows)",
+        "varpro check of the step (40 rows)",  # the held-out half
         "valid evaluation of qed (20 rows)",
         "test evaluation of qed (20 rows)",
     ):
@@ -100,7 +101,7 @@ def test_every_long_loop_of_a_stage_prints_progress_with_an_eta(tiny_llama, capl
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="tagray"):
         run_stage(
-            StageJob(stage=stage(30.0, {"train": 41, "valid": 20, "test": 20})), Runtime(), base=tiny_llama
+            StageJob(stage=stage(30.0, {"train": 81, "valid": 20, "test": 20})), Runtime(), base=tiny_llama
         )
     assert not [r for r in caplog.records if "ETA" in r.getMessage() and "step" not in r.getMessage()]
 
@@ -112,15 +113,17 @@ def test_feature_memo_skips_rereads_at_the_same_tags_with_the_same_results(tiny_
     from tagray.train.memo import FeatureMemo
 
     def run():
-        stage = varpro_qed_stage("m", max_steps=3, eval_every=3, batch_size=24)
+        stage = varpro_qed_stage("m", max_steps=3, eval_every=3, batch_size=24, lr=0.1)
         return run_stage(StageJob(stage=stage), Runtime(), base=tiny_llama)
 
     ts, test = run()
     memo = ts.meta["feature_memo"]
-    # computed (24 rows each): the probe pass and each step's acceptance check (3); remembered: the step-0
-    # re-fit, each step's first pass (the check before it; an undone step's state is the one kept before)
-    # and the re-fit before the last validation
-    assert memo == {"hits": 24 * 5, "misses": 24 * 4}, memo
+    # 24 rows in two fixed halves H0, H1 of 12; steps 1 and 3 are undone (their held-out half got worse),
+    # step 2 is kept. Computed: the probe pass (24), every step's held-out check after it (3 x 12), and step
+    # 3's check half before it (12: only H0 was read at step 2's state). Remembered: the step-0 re-fit (24),
+    # steps 1 and 2's two halves before the step (2 x 24: the state they start from is the one read last),
+    # step 3's gradient half (12) and the re-fit before the last validation (24, step 2's state)
+    assert memo == {"hits": 24 + 2 * 24 + 12 + 24, "misses": 24 + 3 * 12 + 12}, memo
     monkeypatch.setattr(FeatureMemo, "key", staticmethod(lambda model, autocast: None))  # memo off
     ts_off, test_off = run()
     assert ts_off.meta["feature_memo"]["hits"] == 0
@@ -148,3 +151,24 @@ def test_an_undone_varpro_step_restores_the_optimizer_moments(tiny_llama):
     accepted = tr.state.step - tr.rejected
     steps = [int(s["step"]) for s in tr.opt.state.values() if "step" in s]
     assert all(n == accepted for n in steps) and (bool(steps) == (accepted > 0)), (steps, tr.rejected)
+
+
+def test_each_step_is_checked_on_the_half_of_its_rows_that_did_not_shape_it(tiny_llama, monkeypatch):
+    """The gradient comes from one half's LOO error and the step is kept only if the other half's falls;
+    the halves are fixed (training order) and swap roles every step."""
+    from tagray.train import loop
+
+    calls = []
+    real = loop.varpro_step
+
+    def spy(setup, chunks, rt, device, autocast=None, check=None):
+        calls.append(({id(e.enc) for c in chunks for e in c}, {id(e.enc) for c in check or [] for e in c}))
+        return real(setup, chunks, rt, device, autocast, check=check)
+
+    monkeypatch.setattr(loop, "varpro_step", spy)
+    stage = varpro_qed_stage("h", max_steps=3, eval_every=3, batch_size=24)
+    run_stage(StageJob(stage=stage), Runtime(), base=tiny_llama)
+    assert len(calls) == 3
+    for fit, check in calls:
+        assert len(fit) == len(check) == 12 and not fit & check
+    assert calls[1] == (calls[0][1], calls[0][0]) and calls[2] == calls[0]  # swapped, then back

@@ -19,7 +19,7 @@ from .batches import Example, make_batch
 from .checkpoint import BestSnapshot, LoopState, save_checkpoint
 from .evaluate import evaluate
 from .setup import Setup, refresh_heads
-from .varpro import varpro_loss, varpro_step
+from .varpro import MIN_LOO_ROWS, split_rows, varpro_loss, varpro_step
 
 
 def make_optimizer(setup: Setup):
@@ -105,8 +105,8 @@ class Trainer:
         self.t0 = self.last_line = time.time()
         self.step0_at = 0
         self.pending: list[int] = []  # varpro: rows of the step being gathered, its loss, step scale
-        self.vp_chunks: list = []
-        self.vp_loss: float | None = None
+        self.vp_chunks: list = []  # varpro: the step's check half (micro-batches)
+        self.vp_loss: float | None = None  # varpro: the check half's LOO loss before the step
         self.step_scale, self.rejected = 1.0, 0
 
     # ---- validation ---------------------------------------------------------------------------
@@ -186,21 +186,31 @@ class Trainer:
         return any(setup.tasks[self.train[i].task].spec.head_tag in setup.train_heads for i in idx)
 
     def _varpro_step(self, micro: int = 32) -> None:
-        """``head_mode: varpro``: the LOO gradient of the step's rows (bypassing DDP's forward, so
-        :meth:`_optimizer_step` sums the ranks' gradients), in micro-batches of ``micro`` rows."""
-        rows = [self.train[i] for i in self.pending]
+        """``head_mode: varpro``: the LOO gradient of one half of the step's rows (bypassing DDP's forward,
+        so :meth:`_optimizer_step` sums the ranks' gradients), in micro-batches of ``micro`` rows; the other
+        half checks the step (:mod:`.varpro`). The halves swap every step."""
+        # in training order, so the two halves are the same rows every step (each half's features at a
+        # state are then computed once: by the check after one step, read as the next step's gradient half)
+        rows = [self.train[i] for i in sorted(self.pending)]
         self.pending = []
-        self.vp_chunks = [rows[s : s + micro] for s in range(0, len(rows), micro)]
-        self.vp_loss = varpro_step(self.setup, self.vp_chunks, self.rt, self.device, self.autocast)
-        if self.vp_loss is not None:
-            self.losses.extend([self.vp_loss] * self.setup.cfg.grad_accum)
+        fit, check = split_rows(rows, self.state.step % 2)
+        if len(check) < MIN_LOO_ROWS:  # too few rows to hold half out: check the step on its own rows
+            fit = check = rows
+        chunked = lambda r: [r[s : s + micro] for s in range(0, len(r), micro)]  # noqa: E731
+        self.vp_chunks = chunked(check)
+        loss, self.vp_loss = varpro_step(
+            self.setup, chunked(fit), self.rt, self.device, self.autocast, check=self.vp_chunks
+        )
+        if loss is not None:
+            self.losses.extend([loss] * self.setup.cfg.grad_accum)
         self.tokens += sum(len(e.enc) for e in rows)
 
     def _accept(self, before: torch.Tensor) -> None:
-        """Backtracking on the step's own rows: keep the step if their LOO loss fell, else undo it and
-        halve later steps (``step_scale``; it regrows by 1.25x per accepted step, up to 1). Why: how far a
-        tag can move before its features change character varies by task and by step (docs/training.md);
-        one shipped learning rate cannot fit them all, a step that provably helped can."""
+        """Backtracking on the step's held-out half: keep the step if the LOO loss of rows that did not
+        shape it fell, else undo it and halve later steps (``step_scale``; it regrows by 1.25x per accepted
+        step, up to 1). Why: how far a tag can move before its features change character, and before it
+        fits its own rows' noise, varies by task, rows and step (docs/training.md); one shipped learning
+        rate cannot fit them all, a step that helped rows it never saw can."""
         after = varpro_loss(self.setup, self.vp_chunks, self.rt, self.device, self.autocast)
         if after is not None and after > self.vp_loss:
             with torch.no_grad():

@@ -11,6 +11,12 @@ Each optimizer step poses the problem on its own rows (``batch_size x grad_accum
 all at the current tags: nothing stale) with the ridge strength that minimises their LOO error; the
 heads themselves are re-fitted on every training row only before evaluations. Pure torch; under DDP the
 rows of every rank form one problem.
+
+Held-out step check. The LOO error is out of sample for the *head*, not for the tag: a tag step fitted to
+the same rows always looks good on them, and with a few hundred rows large steps lowered the rows' own LOO
+error while validation got worse (docs/training.md). So each step's rows are split in two halves: the
+gradient comes from one half's LOO error, and the step is kept only if it lowers the LOO error of the
+*other* half, rows that did not shape it (the trainer undoes it otherwise). The halves swap every step.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from ..core.data import to_device
 from ..core.heads import RIDGE_LAMBDAS, ridge_targets
 from ..core.progress import progress
 from .batches import make_batch
+
+
+MIN_LOO_ROWS = 8  # a task's rows in one problem below which its LOO error is not posed
 
 
 def loo_ridge_loss(z: torch.Tensor, t: torch.Tensor, lam: float) -> torch.Tensor:
@@ -56,7 +65,9 @@ def _loo(setup, tasks: torch.Tensor, z: torch.Tensor, ys: list) -> torch.Tensor 
     for i in tasks.unique().tolist():
         td = setup.tasks[i]
         m = tasks == i
-        if td.spec.head_tag not in setup.train_heads or int(m.sum()) < 8:  # too few rows to leave one out
+        if (
+            td.spec.head_tag not in setup.train_heads or int(m.sum()) < MIN_LOO_ROWS
+        ):  # too few to leave one out
             continue
         spec, (mu, sd) = heads.specs[td.spec.head_tag], heads.stats()[td.spec.head_tag]
         zi = (z[m] - mu.double()) / sd.double()
@@ -114,9 +125,18 @@ def varpro_loss(setup, chunks: list[list], rt, device, autocast=None) -> float |
     return None if loss is None else float(loss)
 
 
-def varpro_step(setup, chunks: list[list], rt, device, autocast=None) -> float | None:
-    """One optimizer step's gradient: the LOO loss of ridge on this step's rows, per task, at the current
-    tags, back-propagated into the function tags. Returns the loss (mean over the step's tasks).
+def split_rows(rows: list, parity: int) -> tuple[list, list]:
+    """A step's rows as (gradient half, check half): every other row, the halves swapping with ``parity``."""
+    return rows[parity::2], rows[1 - parity :: 2]
+
+
+def varpro_step(
+    setup, chunks: list[list], rt, device, autocast=None, check: list[list] | None = None
+) -> tuple[float | None, float | None]:
+    """One optimizer step's gradient: the LOO loss of ridge on ``chunks``' rows, per task, at the current
+    tags, back-propagated into the function tags. Returns that loss (mean over the step's tasks) and the
+    LOO loss of the ``check`` rows at the same tags (None without them): the step is kept only if the
+    check rows' loss falls (:func:`varpro_loss` after the step).
 
     Two passes keep memory at one micro-batch: features of every row without grad, then the loss's
     gradient ``dL/dz (m, d)`` in closed form, then each micro-batch re-run with grad and back-propagated
@@ -125,12 +145,13 @@ def varpro_step(setup, chunks: list[list], rt, device, autocast=None) -> float |
     problem and each rank back-propagates its own rows (the trainer sums the gradients).
     """
     ctx = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+    before = varpro_loss(setup, check, rt, device, autocast) if check else None
     batches = _batches(setup, chunks, device)
     tasks, z, ys, mine = _gathered(setup, batches, chunks, rt, ctx, autocast)
     z.requires_grad_(True)
     loss = _loo(setup, tasks, z, ys)
     if loss is None:
-        return None
+        return None, before
     (grad,) = torch.autograd.grad(loss, z)
     grad, off = grad[mine].float(), 0  # this rank's rows, in chunk order
     for b in _pass(setup, batches, rt, "gradient"):
@@ -139,4 +160,4 @@ def varpro_step(setup, chunks: list[list], rt, device, autocast=None) -> float |
         n = fresh.shape[0]
         (fresh.float() * grad[off : off + n].to(fresh.device)).sum().backward()
         off += n
-    return float(loss.detach())
+    return float(loss.detach()), before
