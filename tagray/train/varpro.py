@@ -28,7 +28,6 @@ from ..core.heads import RIDGE_LAMBDAS, ridge_targets
 from ..core.progress import progress
 from .batches import make_batch
 
-
 MIN_LOO_ROWS = 8  # a task's rows in one problem below which its LOO error is not posed
 
 
