@@ -172,3 +172,38 @@ def test_each_step_is_checked_on_the_half_of_its_rows_that_did_not_shape_it(tiny
     for fit, check in calls:
         assert len(fit) == len(check) == 12 and not fit & check
     assert calls[1] == (calls[0][1], calls[0][0]) and calls[2] == calls[0]  # swapped, then back
+
+
+def test_a_rejected_step_shrinks_only_its_own_tasks_later_steps(tiny_llama, monkeypatch):
+    """Backtracking is per task: QED's undone steps halve QED's step size, not LogP's."""
+    from tagray.train import loop
+
+    def fake_step(setup, chunks, rt, device, autocast=None, check=None):
+        return 1.0, 1.0  # (gradient half's loss, check half's loss before the step)
+
+    def fake_check(setup, chunks, rt, device, autocast=None):
+        qed = setup.tasks[chunks[0][0].task].spec.name == "qed"
+        return 2.0 if qed else 0.5  # QED's held-out half always gets worse, LogP's always better
+
+    monkeypatch.setattr(loop, "varpro_step", fake_step)
+    monkeypatch.setattr(loop, "varpro_loss", fake_check)
+    stage = tiny_pipeline(
+        name="b",
+        train={
+            "head_mode": "varpro",
+            "optimizer": "ngd",
+            "lr": 1e-2,
+            "eval_rows": 8,
+            "tag_length": 2,
+            "max_steps": 4,
+            "eval_every": 4,
+            "batch_size": 24,
+        },  # fmt: skip
+        tiny_train=False,
+        stages=[stage_dict("s", "qed", "logp", limits={"train": 24, "valid": 8, "test": 8})],
+    ).stages[0]
+    rt = Runtime()
+    run_stage(StageJob(stage=stage), rt, base=tiny_llama)
+    last = rt.reports[-1]
+    assert last["step_scale/qed"] == 0.25 and last["step_scale/logp"] == 1.0, last
+    assert last["rejected_steps"] == 2

@@ -107,7 +107,10 @@ class Trainer:
         self.pending: list[int] = []  # varpro: rows of the step being gathered, its loss, step scale
         self.vp_chunks: list = []  # varpro: the step's check half (micro-batches)
         self.vp_loss: float | None = None  # varpro: the check half's LOO loss before the step
-        self.step_scale, self.rejected = 1.0, 0
+        # varpro backtracking, per task set of a step (a task's rejected step must not shrink another's)
+        self.step_scales: dict[tuple, float] = {}
+        self.vp_key: tuple = ()
+        self.rejected = 0
 
     # ---- validation ---------------------------------------------------------------------------
 
@@ -122,7 +125,12 @@ class Trainer:
             "lr": self.sched.get_last_lr()[0],
         }
         if cfg.head_mode == "varpro":
-            metrics.update(step_scale=self.step_scale, rejected_steps=self.rejected)
+            metrics.update(
+                step_scale=min(self.step_scales.values(), default=1.0), rejected_steps=self.rejected
+            )
+            for key, scale in self.step_scales.items():
+                names = "+".join(setup.tasks[i].spec.name for i in key)
+                metrics[f"step_scale/{names}"] = scale
         t = time.time()
         refresh_heads(setup, self.rt, self.device)  # heads for the current tags
         val = evaluate(
@@ -193,6 +201,7 @@ class Trainer:
         # state are then computed once: by the check after one step, read as the next step's gradient half)
         rows = [self.train[i] for i in sorted(self.pending)]
         self.pending = []
+        self.vp_key = tuple(sorted({e.task for e in rows}))
         fit, check = split_rows(rows, self.state.step % 2)
         if len(check) < MIN_LOO_ROWS:  # too few rows to hold half out: check the step on its own rows
             fit = check = rows
@@ -207,8 +216,8 @@ class Trainer:
 
     def _accept(self, before: torch.Tensor) -> None:
         """Backtracking on the step's held-out half: keep the step if the LOO loss of rows that did not
-        shape it fell, else undo it and halve later steps (``step_scale``; it regrows by 1.25x per accepted
-        step, up to 1). Why: how far a tag can move before its features change character, and before it
+        shape it fell, else undo it and halve later steps of the same task(s) (``step_scale/<task>``; it
+        regrows by 1.25x per accepted step, up to 1). Why: how far a tag can move before its features change character, and before it
         fits its own rows' noise, varies by task, rows and step (docs/training.md); one shipped learning
         rate cannot fit them all, a step that helped rows it never saw can."""
         after = varpro_loss(self.setup, self.vp_chunks, self.rt, self.device, self.autocast)
@@ -216,10 +225,10 @@ class Trainer:
             with torch.no_grad():
                 self.setup.model.tags.trainable.copy_(before)
             self.opt.load_state_dict(self.opt_before)
-            self.step_scale *= 0.5
+            self.step_scales[self.vp_key] = self.step_scales.get(self.vp_key, 1.0) * 0.5
             self.rejected += 1
         else:
-            self.step_scale = min(1.0, self.step_scale * 1.25)
+            self.step_scales[self.vp_key] = min(1.0, self.step_scales.get(self.vp_key, 1.0) * 1.25)
         self.vp_loss = None
 
     def _optimizer_step(self) -> None:
@@ -238,7 +247,7 @@ class Trainer:
             self.opt_before = copy.deepcopy(self.opt.state_dict())
             for p in self.params:
                 if p.grad is not None:
-                    p.grad.mul_(self.step_scale)
+                    p.grad.mul_(self.step_scales.get(self.vp_key, 1.0))
         self.opt.step()
         if tentative:
             self._accept(before)
